@@ -1,0 +1,69 @@
+// pybind11 entry points. Every function takes plain integers (data pointers, sizes, strides in
+// elements, dtype codes) so the module has no libtorch ABI dependency; Python validates first.
+//
+// Each kernel exists once per instruction-set build (namespace base, and avx2 on x86-64);
+// CK_DISPATCH calls the best one this CPU supports, or the one forced with set_isa().
+#include <pybind11/pybind11.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "common.h"
+#include "class_sums.h"
+
+namespace py = pybind11;
+using namespace collapsekit;
+
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(COLLAPSEKIT_HAVE_AVX2) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+std::string g_isa;  // "base" or "avx2"
+
+void set_isa(const std::string& isa) {
+  if (isa == "auto") g_isa = cpu_has_avx2() ? "avx2" : "base";
+  else if (isa == "base") g_isa = "base";
+  else if (isa == "avx2") {
+    if (!cpu_has_avx2()) throw std::invalid_argument("collapsekit._C.set_isa: this CPU or build has no AVX2 kernels");
+    g_isa = "avx2";
+  } else throw std::invalid_argument("collapsekit._C.set_isa: isa must be 'auto', 'base' or 'avx2', got '" + isa + "'");
+}
+
+}  // namespace
+
+#if defined(COLLAPSEKIT_HAVE_AVX2)
+#define CK_DISPATCH(fn) [](auto... a) { return g_isa == "avx2" ? avx2::fn(a...) : base::fn(a...); }
+#else
+#define CK_DISPATCH(fn) [](auto... a) { return base::fn(a...); }
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "collapsekit CPU kernels (raw-pointer ABI, no libtorch link)";
+  const char* env = std::getenv("COLLAPSEKIT_ISA");
+  set_isa(env && *env ? env : "auto");
+  m.def("set_isa", &set_isa, "Kernel instruction set: 'auto', 'base' or 'avx2' (tests run both)");
+  m.def("isa", [] { return g_isa; });
+  m.def("max_threads", &max_threads);
+#ifdef COLLAPSEKIT_OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+
+  using f = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, uintptr_t, int, int64_t, int64_t, int64_t,
+                     uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, int, int);
+  m.def("class_sums", static_cast<f>(CK_DISPATCH(class_sums)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("features"), py::arg("feature_dtype"), py::arg("N"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
+        py::arg("labels"), py::arg("label_dtype"), py::arg("K"), py::arg("ls0"), py::arg("ls1"),
+        py::arg("weights"), py::arg("ws0"), py::arg("ws1"),
+        py::arg("C"), py::arg("sums"), py::arg("counts"), py::arg("path"), py::arg("num_threads"),
+        "sums[C, D], counts[C] (accumulation dtype, contiguous) of weighted feature rows per label");
+  m.def("choose_class_sums_path", &choose_class_sums_path);
+}

@@ -1,0 +1,230 @@
+// class_sums: per-class weighted sums of feature rows and per-class weight totals.
+//
+//   sums[c, :] = sum over entries (i, k) with labels[i, k] == c of w[i, k] * features[i, :]
+//   counts[c]  = sum over the same entries of w[i, k]                     (w = 1 when absent)
+//
+// Hard labels are the K = 1 case of soft labels [N, K]. Entries whose label lies outside
+// [0, C) are skipped (Python rejects them unless check=False), so nothing is written out of
+// bounds. Outputs are in the accumulation dtype (fp32, or fp64 for fp64 features), contiguous.
+//
+// Two paths, chosen by Python (path = 0 auto, 1 sorted, 2 direct):
+//  * sorted: a counting sort of the entries by label, then each class's run of rows is reduced
+//    into its output row, which is written once. The sorted order is cut into equal-size
+//    segments (one per work item) so a huge class cannot serialise the work; the classes cut by
+//    a segment boundary are summed from small per-segment partials at the end. Traffic is one
+//    read of the features and one write of [C, D]: this is what makes large C (the [C, D]
+//    accumulator far bigger than cache) fast.
+//  * direct: each thread scans a contiguous block of rows into a private [C, D] accumulator,
+//    then the accumulators are summed. Streaming reads, no gather; best when C*D is small.
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "common.h"
+#include "class_sums.h"
+
+namespace collapsekit {
+namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeLists.txt
+namespace {
+
+constexpr int64_t kColumnBlock = 1024;  // accumulator columns kept hot in L1 while rows stream by
+constexpr int64_t kPrefetchRows = 2;    // gathered rows fetched ahead in the sorted path
+
+template <typename T, typename Acc>
+struct FeatureView {
+  const T* data; int64_t s0, s1, D;
+  inline void prefetch_row(int64_t row, int64_t d0, int64_t n) const {
+#if defined(__GNUC__)
+    const char* p = reinterpret_cast<const char*>(data + row * s0 + d0 * s1);
+    const int64_t bytes = n * s1 * static_cast<int64_t>(sizeof(T));
+    if (s1 == 1)
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
+#endif
+  }
+  // acc[0:n] += w * features[row, d0:d0+n]
+  inline void axpy_row(Acc* __restrict acc, int64_t row, int64_t d0, int64_t n, Acc w) const {
+    const T* __restrict p = data + row * s0 + d0 * s1;
+    if (s1 == 1) {
+      for (int64_t j = 0; j < n; ++j) acc[j] += w * to_acc<Acc>(p[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) acc[j] += w * to_acc<Acc>(p[j * s1]);
+    }
+  }
+};
+
+template <typename L, typename Acc>
+struct EntryView {
+  const L* labels; int64_t ls0, ls1, K;
+  const Acc* weights; int64_t ws0, ws1;  // weights == nullptr -> every weight is 1
+  inline int64_t label(int64_t i, int64_t k) const { return static_cast<int64_t>(labels[i * ls0 + k * ls1]); }
+  inline Acc weight(int64_t i, int64_t k) const { return weights ? weights[i * ws0 + k * ws1] : Acc(1); }
+};
+
+// counts[c] = sum of weights with label c (sequential: O(N*K) scalar work, negligible next to N*D).
+template <typename L, typename Acc>
+void count_entries(const EntryView<L, Acc>& ev, int64_t N, int64_t C, Acc* counts, std::vector<int64_t>* hist) {
+  std::fill(counts, counts + C, Acc(0));
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t k = 0; k < ev.K; ++k) {
+      int64_t c = ev.label(i, k);
+      if (c < 0 || c >= C) continue;
+      counts[c] += ev.weight(i, k);
+      if (hist) (*hist)[c + 1] += 1;
+    }
+}
+
+template <typename T, typename L, typename Acc>
+void sums_sorted(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int64_t N, int64_t C,
+                 Acc* sums, Acc* counts, int nt) {
+  const int64_t D = fv.D, K = ev.K;
+  // Counting sort of the valid entries by label: off[c]..off[c+1] is class c's run in perm.
+  std::vector<int64_t> off(C + 1, 0);
+  count_entries(ev, N, C, counts, &off);
+  for (int64_t c = 0; c < C; ++c) off[c + 1] += off[c];
+  const int64_t M = off[C];
+  std::vector<int64_t> perm(M), cursor(off.begin(), off.end() - 1);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t c = ev.label(i, k);
+      if (c >= 0 && c < C) perm[cursor[c]++] = i * K + k;
+    }
+
+  // Absent classes get zero rows (their only write).
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < C; ++c)
+    if (off[c] == off[c + 1]) std::fill(sums + c * D, sums + (c + 1) * D, Acc(0));
+  if (M == 0 || D == 0) return;
+
+  // Equal-size segments of the sorted order; a segment holds at most two partial classes
+  // (its first and its last), kept in partial[s][slot] and merged below.
+  const int64_t S = std::min<int64_t>(M, static_cast<int64_t>(nt) * 8);
+  std::vector<Acc> partial(static_cast<size_t>(S) * 2 * D, Acc(0));
+  std::vector<int64_t> partial_class(static_cast<size_t>(S) * 2, -1);
+
+  auto reduce_run = [&](Acc* dst, int64_t pos, int64_t end) {
+    for (int64_t d0 = 0; d0 < D; d0 += kColumnBlock) {
+      const int64_t n = std::min(kColumnBlock, D - d0);
+      Acc* acc = dst + d0;
+      std::fill(acc, acc + n, Acc(0));
+      for (int64_t r = pos; r < end; ++r) {
+        const int64_t e = perm[r];
+        const int64_t i = K == 1 ? e : e / K, k = K == 1 ? 0 : e % K;
+        // Rows arrive in label order, not memory order: fetch the row after next ahead of use,
+        // which the hardware prefetcher cannot predict.
+        if (r + kPrefetchRows < M) fv.prefetch_row(perm[r + kPrefetchRows] / K, d0, n);
+        fv.axpy_row(acc, i, d0, n, ev.weight(i, k));
+      }
+    }
+  };
+
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t pos = M * s / S;
+    const int64_t end = M * (s + 1) / S;
+    // The class whose run contains pos: the last c with off[c] <= pos.
+    int64_t c = std::upper_bound(off.begin(), off.end(), pos) - off.begin() - 1;
+    int slot = 0;
+    while (pos < end) {
+      while (off[c + 1] <= pos) ++c;  // skip absent classes
+      const int64_t stop = std::min(off[c + 1], end);
+      if (pos == off[c] && stop == off[c + 1]) {
+        reduce_run(sums + c * D, pos, stop);  // whole run inside this segment: write once
+      } else {
+        reduce_run(partial.data() + (s * 2 + slot) * D, pos, stop);
+        partial_class[s * 2 + slot] = c;
+        ++slot;
+      }
+      pos = stop;
+    }
+  }
+
+  // Merge the partials of the classes cut by segment boundaries (in class order).
+  int64_t last = -1;
+  for (int64_t p = 0; p < S * 2; ++p) {
+    const int64_t c = partial_class[p];
+    if (c < 0) continue;
+    Acc* row = sums + c * D;
+    const Acc* src = partial.data() + p * D;
+    if (c != last) { std::copy(src, src + D, row); last = c; }
+    else for (int64_t d = 0; d < D; ++d) row[d] += src[d];
+  }
+}
+
+template <typename T, typename L, typename Acc>
+void sums_direct(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int64_t N, int64_t C,
+                 Acc* sums, Acc* counts, int nt) {
+  const int64_t D = fv.D, K = ev.K, CD = C * D;
+  count_entries<L, Acc>(ev, N, C, counts, nullptr);
+  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
+  // Thread 0 accumulates straight into the output; the others into private buffers.
+  std::unique_ptr<Acc[]> priv(new Acc[static_cast<size_t>(nt - 1) * CD]);  // zeroed by its owner
+  advise_huge_pages(priv.get(), static_cast<size_t>(nt - 1) * CD * sizeof(Acc));
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef COLLAPSEKIT_OPENMP
+    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+#else
+    const int t = 0, T_ = 1;
+#endif
+    Acc* acc = t == 0 ? sums : priv.get() + (t - 1) * CD;
+    std::fill(acc, acc + CD, Acc(0));
+    const int64_t lo = N * t / T_, hi = N * (t + 1) / T_;
+    for (int64_t i = lo; i < hi; ++i)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t c = ev.label(i, k);
+        if (c < 0 || c >= C) continue;
+        fv.axpy_row(acc + c * D, i, 0, D, ev.weight(i, k));
+      }
+#pragma omp barrier
+    if (T_ > 1) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < CD; ++j) {
+        Acc v = sums[j];
+        for (int u = 0; u < T_ - 1; ++u) v += priv[u * CD + j];
+        sums[j] = v;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void class_sums(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int64_t fs0, int64_t fs1,
+                uintptr_t labels, int label_dtype, int64_t K, int64_t ls0, int64_t ls1,
+                uintptr_t weights, int64_t ws0, int64_t ws1,
+                int64_t C, uintptr_t sums, uintptr_t counts, int path, int num_threads) {
+  if (N < 0 || D < 0 || K < 1 || C < 1) throw std::invalid_argument("collapsekit._C.class_sums: bad sizes");
+  const int nt = clamp_threads(num_threads);
+  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
+    using T = decltype(t_tag);
+    using Acc = decltype(acc_tag);
+    dispatch_index(label_dtype, [&](auto l_tag) {
+      using L = decltype(l_tag);
+      FeatureView<T, Acc> fv{reinterpret_cast<const T*>(features), fs0, fs1, D};
+      EntryView<L, Acc> ev{reinterpret_cast<const L*>(labels), ls0, ls1, K,
+                           reinterpret_cast<const Acc*>(weights), ws0, ws1};
+      Acc* out = reinterpret_cast<Acc*>(sums);
+      Acc* cnt = reinterpret_cast<Acc*>(counts);
+      advise_huge_pages(out, static_cast<size_t>(C) * D * sizeof(Acc));
+      if (path == kPathAuto) path = ::collapsekit::choose_class_sums_path(N, D, C, nt, sizeof(Acc));
+      if (path == kPathDirect) sums_direct<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
+      else sums_sorted<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
+    });
+  });
+}
+
+}  // namespace COLLAPSEKIT_ISA
+
+#ifdef COLLAPSEKIT_ISA_BASE
+int choose_class_sums_path(int64_t N, int64_t D, int64_t C, int num_threads, int64_t acc_bytes) {
+  // Direct wins while every thread's private [C, D] accumulator stays in its L2 (the rows then
+  // stream without a gather); past that, the scattered read-modify-writes into [C, D] miss cache
+  // and the sorted path's single write per class wins. Threshold from `collapsekit bench`
+  // (see docs/class_sums.md).
+  (void)N; (void)num_threads;
+  return C * D * acc_bytes <= kDirectMaxAccumulatorBytes ? kPathDirect : kPathSorted;
+}
+
+#endif
+
+}  // namespace collapsekit

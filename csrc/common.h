@@ -1,0 +1,98 @@
+// Shared helpers for the collapsekit CPU kernels: dtype codes, scalar conversions, threading.
+//
+// _C never links libtorch. Python passes raw data pointers (as integers), sizes, strides in
+// elements and the dtype codes below; it has validated every argument before the call.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#ifdef COLLAPSEKIT_OPENMP
+#include <omp.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace collapsekit {
+
+// Must match python/collapsekit/_dispatch.py.
+enum FloatCode : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+enum IndexCode : int { I32 = 0, I64 = 1 };
+
+struct half_t { uint16_t bits; };
+struct bfloat16_t { uint16_t bits; };
+
+static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// IEEE binary16 -> binary32 without branches, so loops over D vectorise with baseline SIMD.
+// Normal and subnormal halves: move exponent+mantissa into place and rescale by 2^(127-15);
+// the multiply turns a half subnormal into the right normal float. Inf/NaN get exponent 255.
+static inline float to_float(half_t h) {
+  uint32_t em = h.bits & 0x7fffu;
+  uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  float mag = bits_to_float(em << 13) * 5.192296858534828e+33f;  // 2^112
+  uint32_t mag_bits; std::memcpy(&mag_bits, &mag, 4);
+  uint32_t special = 0x7f800000u | ((em & 0x3ffu) << 13);
+  uint32_t out = (em >= 0x7c00u ? special : mag_bits) | sign;
+  return bits_to_float(out);
+}
+static inline float to_float(bfloat16_t h) { return bits_to_float(static_cast<uint32_t>(h.bits) << 16); }
+static inline float to_float(float x) { return x; }
+static inline double to_float(double x) { return x; }
+
+template <typename Acc, typename T> static inline Acc to_acc(T x) { return static_cast<Acc>(to_float(x)); }
+
+// Ask for transparent huge pages on a large buffer that has not been touched yet. Fresh 4 KiB
+// pages are faulted in one by one on first write, which costs more than the kernel's own work
+// for outputs of 100+ MB (measured: 154 MB of zeros 45 ms -> 9 ms on a 2-core VM with THP in
+// "madvise" mode). Harmless where THP is off or the memory is already resident.
+static inline void advise_huge_pages(void* p, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  if (nbytes < 2 * huge) return;
+  uintptr_t a = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
+  uintptr_t e = (reinterpret_cast<uintptr_t>(p) + nbytes) & ~(huge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)p; (void)nbytes;
+#endif
+}
+
+static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
+
+static inline int max_threads() {
+#ifdef COLLAPSEKIT_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+[[noreturn]] static inline void bad_code(const char* what, int code) {
+  throw std::invalid_argument(std::string("collapsekit._C: unsupported ") + what + " code " + std::to_string(code));
+}
+
+// Calls f(T{}, Acc{}) with the storage type T of a float code and its accumulation type Acc
+// (fp32 for fp16/bf16/fp32, fp64 for fp64).
+template <typename F> static inline void dispatch_float(int code, F&& f) {
+  switch (code) {
+    case F32: f(float{}, float{}); break;
+    case F64: f(double{}, double{}); break;
+    case F16: f(half_t{}, float{}); break;
+    case BF16: f(bfloat16_t{}, float{}); break;
+    default: bad_code("float dtype", code);
+  }
+}
+
+template <typename F> static inline void dispatch_index(int code, F&& f) {
+  switch (code) {
+    case I32: f(int32_t{}); break;
+    case I64: f(int64_t{}); break;
+    default: bad_code("index dtype", code);
+  }
+}
+
+}  // namespace collapsekit

@@ -1,0 +1,11 @@
+"""collapsekit: fast measurement and shaping of collapse in neural networks.
+
+Ops (see DESIGN.md / docs/): class_sums, class_means, ...; every op takes
+``backend="auto" | "reference" | "cpp" | "triton"``.
+"""
+from . import reference
+from .ops import class_means, class_sums
+
+__version__ = "0.1.0"
+
+__all__ = ["class_sums", "class_means", "reference", "__version__"]

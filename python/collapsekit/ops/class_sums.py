@@ -1,0 +1,167 @@
+"""class_sums / class_means: per-class weighted sums and means of feature rows.
+
+This module is the pattern every op family copies:
+
+1. ``_<op>_cpp``: a ``torch.library.custom_op`` whose CPU kernel is ``collapsekit._C``;
+2. ``_<op>_triton``: a ``torch.library.triton_op`` whose body launches the Triton kernels of
+   ``collapsekit.kernels.<family>`` through ``wrap_triton`` (torch.compile sees the kernels);
+3. ``register_fake`` for both (shapes only) and one ``register_autograd`` backward shared by both;
+4. the public function: validate -> resolve the backend -> call the op (or the reference).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _validate, reference
+
+_PATHS_CPP = {"auto": 0, "sorted": 1, "direct": 2}
+_PATHS_TRITON = ("auto", "sorted", "atomic")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered ops. Canonical arguments: features [N, D] (any strides), labels [N, K] int32/int64,
+# weights [N, K] (any floating dtype, any strides) or None. Outputs in the accumulation dtype.
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("collapsekit::class_sums_cpp", mutates_args=())
+def _class_sums_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], num_classes: int,
+                    path: str) -> Tuple[Tensor, Tensor]:
+    acc = _dispatch.accumulation_dtype(features.dtype)
+    n, d = features.shape
+    sums = torch.empty(num_classes, d, dtype=acc)
+    counts = torch.empty(num_classes, dtype=acc)
+    if weights is not None:
+        weights = weights.to(acc)  # [N, K]; small. Stride-0 views stay views.
+    _dispatch.cpp().class_sums(
+        features.data_ptr(), _dispatch.FLOAT_CODES[features.dtype], n, d, features.stride(0), features.stride(1),
+        labels.data_ptr(), _dispatch.INDEX_CODES[labels.dtype], labels.shape[1], labels.stride(0), labels.stride(1),
+        0 if weights is None else weights.data_ptr(),
+        0 if weights is None else weights.stride(0), 0 if weights is None else weights.stride(1),
+        num_classes, sums.data_ptr(), counts.data_ptr(), _PATHS_CPP[path], _dispatch.num_threads())
+    return sums, counts
+
+
+def _class_sums_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], num_classes: int,
+                            path: str) -> Tuple[Tensor, Tensor]:
+    from ..kernels import scatter  # imports triton: only on the first Triton call
+
+    return scatter.class_sums(features, labels, weights, num_classes, path)
+
+
+if hasattr(torch.library, "triton_op"):  # torch >= 2.6
+    _class_sums_triton = torch.library.triton_op("collapsekit::class_sums_triton", _class_sums_triton_impl,
+                                                 mutates_args=())
+else:  # torch 2.4/2.5: an opaque custom op (torch.compile cannot look inside, but it works)
+    _class_sums_triton = torch.library.custom_op("collapsekit::class_sums_triton", _class_sums_triton_impl,
+                                                 mutates_args=())
+
+
+def _fake(features, labels, weights, num_classes, path):
+    acc = _dispatch.accumulation_dtype(features.dtype)
+    return (features.new_empty(num_classes, features.shape[1], dtype=acc),
+            features.new_empty(num_classes, dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    features, labels, weights, num_classes, _ = inputs
+    ctx.num_classes = num_classes
+    ctx.features_dtype = features.dtype
+    ctx.weights_dtype = None if weights is None else weights.dtype
+    ctx.save_for_backward(features if ctx.needs_input_grad[2] else None, labels, weights)
+
+
+def _backward(ctx, grad_sums, grad_counts):
+    """grad_features[i] = Σ_k w_ik · grad_sums[y_ik];  grad_w[i, k] = <h_i, grad_sums[y_ik]> + grad_counts[y_ik].
+
+    A gather per label column (output-sized; no [N, D] temporary beyond one row-gather per k).
+    Out-of-range labels (check=False) contribute nothing."""
+    features, labels, weights = ctx.saved_tensors
+    C = ctx.num_classes
+    n, kk = labels.shape
+    valid = (labels >= 0) & (labels < C)
+    y = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    w = torch.ones(labels.shape, dtype=grad_sums.dtype, device=labels.device) if weights is None \
+        else weights.to(grad_sums.dtype)
+    w = w * valid
+    grad_features = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_features = torch.index_select(grad_sums, 0, y[:, 0]).mul_(w[:, :1])
+        for k in range(1, kk):
+            grad_features.addcmul_(torch.index_select(grad_sums, 0, y[:, k]), w[:, k:k + 1])
+        grad_features = grad_features.to(ctx.features_dtype)
+    if ctx.needs_input_grad[2]:
+        h = features.to(grad_sums.dtype)
+        cols = []
+        for k in range(kk):
+            g = (torch.index_select(grad_sums, 0, y[:, k]) * h).sum(1)
+            if grad_counts is not None:
+                g = g + grad_counts[y[:, k]]
+            cols.append(g * valid[:, k])
+        grad_weights = torch.stack(cols, 1).to(ctx.weights_dtype)
+    return grad_features, None, grad_weights, None, None
+
+
+for _op in (_class_sums_cpp, _class_sums_triton):
+    _op.register_fake(_fake)
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def _class_sums_acc(features, labels, num_classes, weights, check, backend, path, op):
+    """Validated dispatch; returns (sums, counts) in the accumulation dtype."""
+    labels2, weights2 = _validate.class_labels(features, labels, weights, num_classes, op, check)
+    backend = _dispatch.resolve_backend(backend, features.device, op)
+    acc = _dispatch.accumulation_dtype(features.dtype)
+    if backend == "reference":
+        sums, counts = reference.class_sums(features, labels, num_classes, weights)
+        return sums.to(acc), counts.to(acc)
+    if backend == "cpp":
+        if path not in _PATHS_CPP:
+            raise ValueError(f"{op}: path for the cpp backend must be one of {tuple(_PATHS_CPP)}, got {path!r}")
+        return _class_sums_cpp(features, labels2, weights2, num_classes, path)
+    if path not in _PATHS_TRITON:
+        raise ValueError(f"{op}: path for the triton backend must be one of {_PATHS_TRITON}, got {path!r}")
+    return _class_sums_triton(features, labels2, weights2, num_classes, path)
+
+
+def class_sums(features: Tensor, labels: Tensor, num_classes: int, weights: Optional[Tensor] = None, *,
+               check: bool = True, backend: str = "auto", path: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Per-class weighted sums of feature rows.
+
+    Args:
+        features: ``[N, D]`` float16/bfloat16/float32/float64, any strides.
+        labels: ``[N]`` int32/int64 class ids (hard labels) or ``[N, K]`` (soft labels: row i adds
+            to each of its K classes, e.g. mixup or label smoothing).
+        num_classes: ``C >= 1``.
+        weights: optional ``[N]`` per-sample weights, or ``[N, K]`` per-entry weights with soft labels.
+        check: verify every label lies in ``[0, C)`` (ValueError naming the first bad one). With
+            ``check=False`` the scan is skipped and out-of-range entries are ignored (never written).
+        backend: ``"auto" | "reference" | "cpp" | "triton"``.
+        path: kernel choice for tuning and tests; ``"auto"`` (measured rule), cpp: ``"sorted"`` /
+            ``"direct"``, triton: ``"sorted"`` / ``"atomic"``. Never changes the result beyond rounding.
+
+    Returns:
+        ``(sums [C, D], counts [C])``: ``sums[c] = Σ_{y_ik = c} w_ik · h_i`` in the dtype of
+        ``features`` (accumulated in fp32, fp64 for fp64) and ``counts[c] = Σ_{y_ik = c} w_ik``
+        in the accumulation dtype. Differentiable in ``features`` and ``weights``.
+    """
+    sums, counts = _class_sums_acc(features, labels, num_classes, weights, check, backend, path, "class_sums")
+    return sums.to(features.dtype), counts
+
+
+def class_means(features: Tensor, labels: Tensor, num_classes: int, weights: Optional[Tensor] = None, *,
+                check: bool = True, backend: str = "auto", path: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Per-class weighted means of feature rows.
+
+    Same arguments as :func:`class_sums`. Returns ``(means [C, D], counts [C])`` with
+    ``means[c] = sums[c] / counts[c]`` (divided in the accumulation dtype, returned in the dtype of
+    ``features``) and a zero row for absent classes (``counts[c] == 0``).
+    """
+    sums, counts = _class_sums_acc(features, labels, num_classes, weights, check, backend, path, "class_means")
+    present = counts != 0
+    safe = torch.where(present, counts, torch.ones_like(counts))
+    return (sums / safe[:, None]).to(features.dtype), counts

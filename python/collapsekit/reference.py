@@ -1,0 +1,45 @@
+"""Pure-PyTorch references, computed in fp64. Every kernel is tested against these.
+
+They are written for clarity, not speed or memory (they materialise what the kernels avoid).
+They take the same arguments as the public ops and return fp64 results.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+
+def _entries(labels: torch.Tensor, weights: Optional[torch.Tensor], n: int):
+    """labels [N] or [N, K] and weights [N] or [N, K] -> (labels [N, K], weights [N, K] fp64)."""
+    y = labels if labels.dim() == 2 else labels.unsqueeze(1)
+    if weights is None:
+        w = torch.ones(y.shape, dtype=torch.float64, device=y.device)
+    else:
+        w = weights.double()
+        w = w.unsqueeze(1).expand(y.shape) if w.dim() == 1 else w
+    return y.long(), w
+
+
+def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+               weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sums[c] = Σ_{(i,k): y_ik = c} w_ik h_i  ([C, D] fp64);  counts[c] = Σ w_ik  ([C] fp64).
+
+    Entries with a label outside [0, C) are ignored (the check=False behaviour)."""
+    h = features.double()
+    y, w = _entries(labels, weights, h.shape[0])
+    sums = h.new_zeros(num_classes, h.shape[1])
+    counts = h.new_zeros(num_classes)
+    for k in range(y.shape[1]):
+        keep = (y[:, k] >= 0) & (y[:, k] < num_classes)
+        yk, wk = y[keep, k], w[keep, k]
+        sums = sums.index_add(0, yk, h[keep] * wk[:, None])
+        counts = counts.index_add(0, yk, wk)
+    return sums, counts
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """means[c] = sums[c] / counts[c] (zero row where counts[c] == 0), counts [C]; fp64."""
+    sums, counts = class_sums(features, labels, num_classes, weights)
+    present = counts != 0
+    safe = torch.where(present, counts, torch.ones_like(counts))
+    return sums / safe[:, None], counts
