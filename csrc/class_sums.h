@@ -4,8 +4,6 @@
 namespace collapsekit {
 
 constexpr int kPathAuto = 0, kPathSorted = 1, kPathDirect = 2;
-// Largest [C, D] accumulator (bytes) for which the auto rule picks the direct path.
-constexpr int64_t kDirectMaxAccumulatorBytes = 256 * 1024;
 
 // One definition per instruction-set build (namespaces base, avx2); bindings.cpp picks at run time.
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { \

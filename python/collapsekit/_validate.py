@@ -44,8 +44,9 @@ def labels_in_range(labels: torch.Tensor, num_classes: int, op: str, name: str =
     """Raise ValueError naming the first label outside [0, num_classes) and its position."""
     if labels.numel() == 0:
         return
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
+    lo, hi = torch.aminmax(labels)  # one pass; locate the culprit only on failure
+    if int(lo) < 0 or int(hi) >= num_classes:
+        bad = (labels < 0) | (labels >= num_classes)
         pos = tuple(int(i) for i in bad.nonzero()[0])
         where = pos[0] if len(pos) == 1 else pos
         raise ValueError(f"{op}: {name}[{where}] = {int(labels[pos])} is outside [0, num_classes={num_classes})")

@@ -162,6 +162,6 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int, weights: Opt
     ``features``) and a zero row for absent classes (``counts[c] == 0``).
     """
     sums, counts = _class_sums_acc(features, labels, num_classes, weights, check, backend, path, "class_means")
-    present = counts != 0
-    safe = torch.where(present, counts, torch.ones_like(counts))
-    return (sums / safe[:, None]).to(features.dtype), counts
+    safe = torch.where(counts != 0, counts, torch.ones_like(counts))
+    # in place: a second [C, D] buffer would cost as much as the scatter at large C
+    return sums.div_(safe[:, None]).to(features.dtype), counts

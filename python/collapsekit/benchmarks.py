@@ -1,0 +1,303 @@
+"""Benchmark workloads and the runner behind ``collapsekit bench`` and ``bench/`` (pytest-benchmark).
+
+A workload names an op, a shape, a dtype, how to build its inputs, the baselines a user writes in
+eager PyTorch today (each also run under ``torch.compile``), the collapsekit call, and the bytes
+the op must move at least (for GB/s). Future ops add workloads with :func:`register`.
+
+Every row is measured side by side in one process: providers are called in turn inside each
+repetition, so machine noise hits them alike; times are medians. The bandwidth floor is the
+time of ``buf.sum()`` over a buffer as large as the workload's main input, measured in the same run.
+"""
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+import collapsekit as ck
+
+
+@dataclasses.dataclass
+class Workload:
+    op: str
+    shape: Dict[str, int]
+    dtype: torch.dtype
+    make: Callable[[torch.device], Dict[str, Any]]        # inputs on a device
+    baselines: Dict[str, Callable[..., Any]]              # name -> fn(**inputs), eager PyTorch
+    collapsekit: Callable[..., Any]                       # fn(**inputs)
+    bytes_moved: Callable[[Dict[str, Any]], int]          # minimum bytes read + written
+    floor_bytes: Callable[[Dict[str, Any]], int]          # size of the main input
+    variants: Dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)  # kernel paths
+    devices: tuple = ("cpu", "cuda")
+    quick: bool = False                                   # part of `bench --quick`
+    full: bool = True                                     # part of the full run
+    compile: bool = True                                  # also time baselines under torch.compile
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+WORKLOADS: List[Workload] = []
+
+
+def register(w: Workload) -> Workload:
+    WORKLOADS.append(w)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# class_means
+# ------------------------------------------------------------------------------------------------
+
+def eager_class_means(features, labels, num_classes):
+    """What a user writes today: index_add_ + bincount, then divide."""
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype,
+                       device=features.device).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums / counts.clamp_min(1).to(features.dtype)[:, None], counts
+
+
+def _class_means_workload(n, d, c, dtype, devices, quick=False, full=True):
+    def make(device):
+        # generated on the target device in chunks: no fp32 N x D temporary, fast for 1M x 4096
+        g = torch.Generator(device=device).manual_seed(0)
+        labels = torch.randint(0, c, (n,), generator=g, device=device)
+        feats = torch.empty(n, d, dtype=dtype, device=device)
+        step = max(1, (1 << 26) // max(d, 1))
+        for i in range(0, n, step):
+            feats[i:i + step] = torch.randn(min(step, n - i), d, generator=g, device=device).to(dtype)
+        return dict(features=feats, labels=labels, num_classes=c)
+
+    def nbytes(inp):
+        f = inp["features"]
+        return f.numel() * f.element_size() + inp["labels"].numel() * 8 + c * d * f.element_size() + c * 4
+
+    variants = {
+        "cpu": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "direct")},
+        "cuda": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "atomic")},
+    }
+    return Workload(
+        op="class_means", shape=dict(N=n, D=d, C=c), dtype=dtype, make=make,
+        baselines={"eager": eager_class_means}, collapsekit=ck.class_means, bytes_moved=nbytes,
+        floor_bytes=lambda inp: inp["features"].numel() * inp["features"].element_size(),
+        variants=variants, devices=devices, quick=quick, full=full)
+
+
+for _n, _d, _c in [(200_000, 512, 8192), (100_000, 768, 50257)]:
+    register(_class_means_workload(_n, _d, _c, torch.float32, ("cpu", "cuda")))
+register(_class_means_workload(1_000_000, 4096, 50257, torch.bfloat16, ("cuda",)))
+# GPU only, for the atomic-vs-sorted rule: few classes (atomics contend) and a medium C
+for _c in (16, 1024):
+    _w = register(_class_means_workload(1_000_000, 1024, _c, torch.bfloat16, ("cuda",)))
+    _w.compile = False
+register(_class_means_workload(20_000, 256, 1024, torch.float32, ("cpu", "cuda"), quick=True, full=False))
+register(_class_means_workload(10_000, 128, 16384, torch.float32, ("cpu", "cuda"), quick=True, full=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    del out
+    return dt
+
+
+def _read_proc_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_bytes(fn, device) -> Optional[int]:
+    """Peak memory above what was in use before the call (outputs included). CUDA: the caching
+    allocator's peak. CPU (Linux): peak resident set, after resetting the high-water mark
+    through /proc/self/clear_refs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _read_proc_kb("VmRSS")
+    out = fn()
+    peak = _read_proc_kb("VmHWM")
+    del out
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) * 1024
+
+
+def bandwidth_floor(nbytes: int, device, reps: int) -> float:
+    """GB/s of a plain reduction over nbytes (the memory-read floor of this machine, now)."""
+    buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    buf.sum()
+    t = statistics.median(time_call(buf.sum, device) for _ in range(reps))
+    del buf
+    return nbytes / t / 1e9
+
+
+def copy_bandwidth(nbytes: int, device, reps: int) -> float:
+    """GB/s of a device copy, counting bytes read + written."""
+    a = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = statistics.median(time_call(lambda: b.copy_(a), device) for _ in range(reps))
+    del a, b
+    return 2 * nbytes / t / 1e9
+
+
+def run_workload(w: Workload, device: torch.device, reps: int, compile_baselines: bool,
+                 variants: bool = True) -> Dict[str, Any]:
+    inp = w.make(device)
+    providers: Dict[str, Callable[[], Any]] = {}
+    compile_s: Dict[str, float] = {}
+    for name, fn in w.baselines.items():
+        providers[name] = (lambda fn: lambda: fn(**inp))(fn)
+    if compile_baselines and w.compile:
+        for name, fn in w.baselines.items():
+            torch._dynamo.reset()
+            cfn = torch.compile(fn)
+            try:
+                compile_s[name + "_compiled"] = time_call(lambda: cfn(**inp), device)
+            except Exception as e:  # a baseline that does not compile is reported, not fatal
+                compile_s[name + "_compiled"] = float("nan")
+                print(f"  (torch.compile of {name} failed: {type(e).__name__}: {str(e)[:120]})")
+                continue
+            providers[name + "_compiled"] = (lambda cfn: lambda: cfn(**inp))(cfn)
+    providers["collapsekit"] = lambda: w.collapsekit(**inp)
+    if variants:
+        for name, fn in w.variants.get(device.type, {}).items():
+            providers["collapsekit:" + name] = (lambda fn: lambda: fn(**inp))(fn)
+
+    for fn in providers.values():  # warm-up (and first-call costs) outside the timings
+        time_call(fn, device)
+    times = {k: [] for k in providers}
+    for _ in range(reps):  # side by side: every provider once per repetition
+        for k, fn in providers.items():
+            times[k].append(time_call(fn, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {k: peak_extra_bytes(providers[k], device) for k in providers if ":" not in k}
+    floor = bandwidth_floor(w.floor_bytes(inp), device, max(3, reps))
+    nbytes = w.bytes_moved(inp)
+    baseline_names = [k for k in med if k != "collapsekit" and not k.startswith("collapsekit:")]
+    best = min(baseline_names, key=lambda k: med[k])
+    row = dict(
+        op=w.op, shape=w.shape, dtype=str(w.dtype).replace("torch.", ""), device=device.type,
+        median_s=med, compile_s=compile_s, best_baseline=best,
+        speedup=med[best] / med["collapsekit"], speedup_vs_eager=med.get("eager", math.nan) / med["collapsekit"],
+        bytes_moved=nbytes, achieved_GBps=nbytes / med["collapsekit"] / 1e9, floor_GBps=floor,
+        peak_extra_bytes=peak, reps=reps,
+    )
+    if device.type == "cuda":
+        row["copy_GBps"] = copy_bandwidth(w.floor_bytes(inp), device, max(3, reps))
+    del inp
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    info = dict(date=time.strftime("%Y-%m-%d"), python=platform.python_version(), torch=torch.__version__,
+                collapsekit=ck.__version__, platform=platform.platform(), cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    try:
+        from . import _dispatch
+        info["cpu_isa"] = _dispatch.cpp().isa()
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return info
+
+
+def _fmt_ms(s):
+    return "-" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e3:.2f}"
+
+
+def _fmt_mb(b):
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    head = ["op", "shape", "dtype", "dev", "eager ms", "compiled ms (compile s)", "collapsekit ms",
+            "speedup", "GB/s", "floor GB/s", "peak MB eager/ck", "kernel paths ms"]
+    lines = []
+    for r in rows:
+        m = r["median_s"]
+        comp = m.get("eager_compiled")
+        comp_s = f"{_fmt_ms(comp)} ({r['compile_s'].get('eager_compiled', math.nan):.0f})" if comp is not None else "-"
+        paths = " ".join(f"{k.split(':')[1]}={_fmt_ms(v)}" for k, v in m.items() if k.startswith("collapsekit:"))
+        lines.append([r["op"], " ".join(f"{k}={v}" for k, v in r["shape"].items()), r["dtype"], r["device"],
+                      _fmt_ms(m.get("eager")), comp_s, _fmt_ms(m["collapsekit"]),
+                      f"{r['speedup']:.2f}x vs {r['best_baseline']}", f"{r['achieved_GBps']:.1f}",
+                      f"{r['floor_GBps']:.1f}",
+                      f"{_fmt_mb(r['peak_extra_bytes'].get('eager'))}/{_fmt_mb(r['peak_extra_bytes'].get('collapsekit'))}",
+                      paths])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda row: "| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(head), sep] + [fmt(r) for r in lines])
+
+
+def select(device: str, quick: bool, op: Optional[str] = None) -> List[Workload]:
+    return [w for w in WORKLOADS if device in w.devices and (w.quick if quick else w.full)
+            and (op is None or w.op == op)]
+
+
+def run(device: str = "cpu", quick: bool = False, json_path: Optional[str] = None, compile_baselines: bool = True,
+        reps: Optional[int] = None, op: Optional[str] = None, echo=print) -> List[Dict[str, Any]]:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("collapsekit bench: --device cuda but torch sees no CUDA device")
+    reps = reps or (5 if quick else (20 if dev.type == "cuda" else 7))
+    rows = []
+    info = machine_info(dev)
+    echo(f"collapsekit bench on {info.get('gpu', info['cpu'])} ({dev.type}, {info['threads']} threads, "
+         f"torch {info['torch']}, {info['date']}); medians of {reps} side-by-side repetitions")
+    for w in select(dev.type, quick, op):
+        echo(f"  {w.op} {w.label} {str(w.dtype).replace('torch.', '')} ...")
+        rows.append(run_workload(w, dev, reps, compile_baselines))
+    echo(format_table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(machine=info, rows=rows), f, indent=1)
+        echo(f"wrote {json_path}")
+    return rows

@@ -1,0 +1,55 @@
+"""Test configuration.
+
+Without a CUDA device the Triton kernels run on CPU tensors under the Triton interpreter; it must
+be switched on before triton is first imported, hence here, at the very top.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import collapsekit._dispatch as _dispatch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = _dispatch.triton_available()
+
+# Per-dtype tolerances for comparing a kernel result with the fp64 reference computed from the same
+# input values. Kernels accumulate half types in fp32, so the error is the rounding of the result to
+# its dtype plus fp32 summation order.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(),
+                               rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def backend_devices():
+    """(backend, device) pairs this machine can run: the C++ kernels on CPU; Triton on CUDA when a
+    GPU exists, else on CPU under the interpreter."""
+    out = [("cpp", "cpu")]
+    if HAS_TRITON:
+        out.append(("triton", "cuda" if HAS_CUDA else "cpu"))
+    return out
+
+
+@pytest.fixture(params=["base", "avx2"])
+def cpu_isa(request):
+    """Run a cpp test under each instruction-set build of the kernels this CPU supports."""
+    C = _dispatch.cpp()
+    try:
+        C.set_isa(request.param)
+    except ValueError:
+        pytest.skip(f"no {request.param} kernels on this CPU/build")
+    yield request.param
+    C.set_isa("auto")
