@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
-if ! pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; exit 1
 fi
 
@@ -21,4 +21,4 @@ timeout "${CK_TEST_TIMEOUT:-240}" python3 -m pytest tests -q -x -p no:cacheprovi
 echo "tests exit $?" | tee -a "$OUT/tests.log"
 tail -5 "$OUT/tests.log"
 
-timeout "${CK_BENCH_TIMEOUT:-300}" collapsekit bench --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+timeout "${CK_BENCH_TIMEOUT:-300}" python3 -m collapsekit bench --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

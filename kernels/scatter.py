@@ -83,34 +83,41 @@ def class_sums_sorted_kernel(
     x = tl.load(feat_ptr + row[:, None] * fs0 + cols[None, :] * fs1,
                 mask=valid[:, None] & cmask[None, :], other=0.0).to(ACC)
     x = x * w[:, None]
-    keys = tl.broadcast_to(y[:, None], (BLOCK_M, BLOCK_D))
-    run_sums, _ = tl.associative_scan((x, keys), 0, _segmented_add)
+    # int32 scan keys (half the registers of int64); exact for valid labels (C < 2**31), and
+    # invalid entries carry x = 0 and are never flushed, so their key only needs to be distinct.
+    key = tl.where(valid, y, -1).to(tl.int32)
+    keys = tl.broadcast_to(key[:, None], (BLOCK_M, BLOCK_D))
+    run_sums, _run_keys = tl.associative_scan((x, keys), 0, _segmented_add)
     # A run ends where the next sorted label differs, or at the end of this block.
     run_end = valid & ((y_next != y) | (offs == BLOCK_M - 1))
     tl.atomic_add(sums_ptr + y[:, None] * D + cols[None, :], run_sums,
                   mask=run_end[:, None] & cmask[None, :])
     if pid_d == 0:
-        run_counts, _ = tl.associative_scan((w, y), 0, _segmented_add)
+        run_counts, _count_keys = tl.associative_scan((w, key), 0, _segmented_add)
         tl.atomic_add(counts_ptr + y, run_counts, mask=run_end)
 
 
-# Measured on an H200 (bench/results/): see docs/class_sums.md.
-SORTED_MIN_ENTRIES = 1 << 14
-
-
 def choose_path(n_entries: int, num_classes: int, dim: int) -> str:
-    """The kernel the auto rule picks: ``"sorted"`` or ``"atomic"``."""
+    """The kernel the auto rule picks: ``"sorted"`` or ``"atomic"``.
+
+    Measured on an H200 (bench/results/2026-11-28-nvidia-h200-run1.json, docs/class_sums.md):
+    at N = 1M the sorted kernel won at every C (C=16: 2.7 vs 6.4 ms, C=1024: 2.9 vs 4.0 ms,
+    C=50257 D=4096 bf16: 11.3 vs 19.6 ms); at N = 100k-200k the two tie within 10% (launch and
+    sort overhead dominate), where atomic skips the sort."""
     return "sorted" if n_entries >= SORTED_MIN_ENTRIES else "atomic"
 
 
-def _tile_d(dim: int, interpret: bool) -> int:
+SORTED_MIN_ENTRIES = 1 << 19
+
+
+def _tile_d(dim: int, interpret: bool, cap: int) -> int:
     if interpret:
         return 16
-    return max(16, min(256, triton.next_power_of_2(max(dim, 1))))
+    return max(16, min(cap, triton.next_power_of_2(max(dim, 1))))
 
 
 def class_sums(features: torch.Tensor, labels: torch.Tensor, weights, num_classes: int,
-               path: str = "auto"):
+               path: str = "auto", block_m=None, block_d=None, num_warps=None):
     """features [N, D] (any strides), labels [N, K] int32/int64, weights [N, K] or None.
 
     Returns (sums [C, D], counts [C]) in the accumulation dtype."""
@@ -131,25 +138,30 @@ def class_sums(features: torch.Tensor, labels: torch.Tensor, weights, num_classe
     ws0, ws1 = (weights.stride(0), weights.stride(1)) if weights is not None else (0, 0)
     if path == "auto":
         path = choose_path(n * k, num_classes, d)
-    block_d = _tile_d(d, interpret)
-    grid_d = max(1, triton.cdiv(d, block_d))
     if path == "atomic":
-        block_n = 16 if interpret else 32
+        block_d_default = _tile_d(d, interpret, 256)
+        block_n = 16 if interpret else (block_m or 32)
+        block_d = block_d or block_d_default
+        grid_d = max(1, triton.cdiv(d, block_d))
         grid = (triton.cdiv(n, block_n), grid_d)
         wrap_triton(class_sums_atomic_kernel)[grid](
             features, labels, w_arg, sums, counts, n, d, k, num_classes,
             features.stride(0), features.stride(1), labels.stride(0), labels.stride(1), ws0, ws1,
-            HAS_WEIGHTS=weights is not None, ACC=acc, BLOCK_N=block_n, BLOCK_D=block_d)
+            HAS_WEIGHTS=weights is not None, ACC=acc, BLOCK_N=block_n, BLOCK_D=block_d,
+            **({} if num_warps is None else dict(num_warps=num_warps)))
     elif path == "sorted":
         flat = labels.reshape(-1).to(torch.int64)  # entry e = i*K + k
         sorted_labels, perm = torch.sort(flat)
         m = flat.shape[0]
-        block_m = 16 if interpret else 64
+        block_m = 16 if interpret else (block_m or 64)
+        block_d = block_d or _tile_d(d, interpret, 64)  # the segmented scan keeps (value, key) pairs in registers
+        grid_d = max(1, triton.cdiv(d, block_d))
         grid = (triton.cdiv(m, block_m), grid_d)
         wrap_triton(class_sums_sorted_kernel)[grid](
             features, perm, sorted_labels, w_arg, sums, counts, m, d, k, num_classes,
             features.stride(0), features.stride(1), ws0, ws1,
-            HAS_WEIGHTS=weights is not None, ACC=acc, BLOCK_M=block_m, BLOCK_D=block_d)
+            HAS_WEIGHTS=weights is not None, ACC=acc, BLOCK_M=block_m, BLOCK_D=block_d,
+            **({} if num_warps is None else dict(num_warps=num_warps)))
     else:
         raise ValueError(f"class_sums: triton path must be 'auto', 'atomic' or 'sorted', got {path!r}")
     return sums, counts

@@ -229,7 +229,8 @@ def test_opcheck_triton():
     for args in _opcheck_args(device):
         # test_aot_dispatch_dynamic compiles; the interpreter cannot run compiled Triton on CPU
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-        torch.library.opcheck(cs_mod._class_sums_triton, args, test_utils=utils if not HAS_CUDA else None)
+        kwargs = {} if HAS_CUDA else dict(test_utils=utils)
+        torch.library.opcheck(cs_mod._class_sums_triton, args, **kwargs)
 
 
 def test_torch_compile_fullgraph_cpu():
