@@ -30,16 +30,20 @@ def median_ms(fn, reps=15):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--all", action="store_true", help="also sweep the scan and atomic kernels")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for n, d, c in [(1_000_000, 4096, 50257), (1_000_000, 1024, 16), (200_000, 512, 8192)]:
+    shapes = [(1_000_000, 4096, 50257), (1_000_000, 1024, 16)] + ([(200_000, 512, 8192)] if args.all else [])
+    for n, d, c in shapes:
         h = torch.randn(n, d, device="cuda", generator=g, dtype=torch.float32).to(torch.bfloat16)
         y = torch.randint(0, c, (n, 1), device="cuda", generator=g)
         ref = scatter.class_sums(h, y, None, c, "atomic")[0]
-        configs = [("sorted", bm, bd, nw) for bm, bd, nw in itertools.product([32, 64, 128], [32, 64, 128], [4, 8])
-                   if bm * bd <= 64 * 128]
-        configs += [("atomic", bm, bd, nw) for bm, bd, nw in itertools.product([32, 64], [128, 256], [4, 8])]
+        configs = [("sorted", bm, bd, nw) for bm, bd, nw in itertools.product([32, 64, 128], [64, 128, 256], [4, 8])]
+        if args.all:
+            configs += [("scan", bm, bd, nw) for bm, bd, nw in itertools.product([32, 64, 128], [32, 64, 128], [4, 8])
+                        if bm * bd <= 64 * 128]
+            configs += [("atomic", bm, bd, nw) for bm, bd, nw in itertools.product([32, 64], [128, 256], [4, 8])]
         for path, bm, bd, nw in configs:
             fn = lambda: scatter.class_sums(h, y, None, c, path, block_m=bm, block_d=bd, num_warps=nw)
             out = fn()[0]

@@ -11,7 +11,7 @@ cs_mod = importlib.import_module("collapsekit.ops.class_sums")  # the module (th
 from conftest import HAS_CUDA, HAS_TRITON, assert_close, backend_devices
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-PATHS = {"cpp": ["sorted", "direct"], "triton": ["sorted", "atomic"]}
+PATHS = {"cpp": ["sorted", "direct"], "triton": ["sorted", "scan", "atomic"]}
 
 
 def shapes(backend, device):

@@ -81,7 +81,7 @@ def _class_means_workload(n, d, c, dtype, devices, quick=False, full=True):
 
     variants = {
         "cpu": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "direct")},
-        "cuda": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "atomic")},
+        "cuda": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "scan", "atomic")},
     }
     return Workload(
         op="class_means", shape=dict(N=n, D=d, C=c), dtype=dtype, make=make,
