@@ -28,7 +28,7 @@ namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeList
 namespace {
 
 constexpr int64_t kColumnBlock = 1024;  // accumulator columns kept hot in L1 while rows stream by
-constexpr int64_t kPrefetchRows = 6;    // gathered rows fetched ahead in the sorted path
+constexpr int64_t kPrefetchRows = 4;    // gathered rows fetched ahead in the sorted path
 
 template <typename T, typename Acc>
 struct FeatureView {
