@@ -46,7 +46,11 @@ def main():
             configs += [("atomic", bm, bd, nw) for bm, bd, nw in itertools.product([32, 64], [128, 256], [4, 8])]
         for path, bm, bd, nw in configs:
             fn = lambda: scatter.class_sums(h, y, None, c, path, block_m=bm, block_d=bd, num_warps=nw)
-            out = fn()[0]
+            try:
+                out = fn()[0]
+            except Exception as e:  # e.g. a tile that needs more shared memory than the card has
+                print(f"N={n} D={d} C={c} {path:6s} m={bm:3d} d={bd:3d} w={nw} skipped: {type(e).__name__}", flush=True)
+                continue
             err = (out - ref).abs().max().item()
             t = median_ms(fn)
             rows.append(dict(N=n, D=d, C=c, path=path, block_m=bm, block_d=bd, num_warps=nw, ms=t, max_err=err))
