@@ -7,17 +7,20 @@
 // [0, C) are skipped (Python rejects them unless check=False), so nothing is written out of
 // bounds. Outputs are in the accumulation dtype (fp32, or fp64 for fp64 features), contiguous.
 //
-// Two paths, chosen by Python (path = 0 auto, 1 sorted, 2 direct):
+// Three paths (path = 0 auto, 1 sorted, 2 direct, 3 rows; auto: choose_class_sums_path):
 //  * sorted: a counting sort of the entries by label, then each class's run of rows is reduced
 //    into its output row, which is written once. The sorted order is cut into equal-size
 //    segments (one per work item) so a huge class cannot serialise the work; the classes cut by
 //    a segment boundary are summed from small per-segment partials at the end. Traffic is one
 //    read of the features and one write of [C, D]: this is what makes large C (the [C, D]
 //    accumulator far bigger than cache) fast.
+//  * rows: each thread streams a contiguous block of rows into a private [C, D] accumulator
+//    (thread 0 into the output) and the copies are summed: every row read once, in order; best
+//    while the (T-1) copies are small.
 //  * direct: each thread owns a range of classes (balanced by entry count), scans the rows in
-//    memory order and adds its own into the output. Streaming reads, no gather, no private
-//    copies; best while [C, D] stays in the last-level cache.
+//    memory order and adds its own into the output: no private copies, for large C*D.
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -185,6 +188,45 @@ void sums_direct(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int
   }
 }
 
+template <typename T, typename L, typename Acc>
+void sums_rows(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int64_t N, int64_t C,
+               Acc* sums, Acc* counts, int nt) {
+  // Each thread streams a contiguous block of rows into its own [C, D] accumulator (thread 0
+  // straight into the output), then the accumulators are summed. Every row is read once, in
+  // order, by one thread; the price is (T-1) private copies and one reduction pass.
+  const int64_t D = fv.D, K = ev.K, CD = C * D;
+  count_entries<L, Acc>(ev, N, C, counts, nullptr);
+  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
+  std::unique_ptr<Acc[]> priv(nt > 1 ? new Acc[static_cast<size_t>(nt - 1) * CD] : nullptr);
+  if (nt > 1) advise_huge_pages(priv.get(), static_cast<size_t>(nt - 1) * CD * sizeof(Acc));
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef COLLAPSEKIT_OPENMP
+    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+#else
+    const int t = 0, T_ = 1;
+#endif
+    Acc* acc = t == 0 ? sums : priv.get() + (t - 1) * CD;
+    std::fill(acc, acc + CD, Acc(0));
+    const int64_t lo = N * t / T_, hi = N * (t + 1) / T_;
+    for (int64_t i = lo; i < hi; ++i)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t c = ev.label(i, k);
+        if (c < 0 || c >= C) continue;
+        fv.axpy_row(acc + c * D, i, 0, D, ev.weight(i, k));
+      }
+#pragma omp barrier
+    if (T_ > 1) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < CD; ++j) {
+        Acc v = sums[j];
+        for (int u = 0; u < T_ - 1; ++u) v += priv[u * CD + j];
+        sums[j] = v;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void class_sums(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int64_t fs0, int64_t fs1,
@@ -206,6 +248,7 @@ void class_sums(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int
       advise_huge_pages(out, static_cast<size_t>(C) * D * sizeof(Acc));
       if (path == kPathAuto) path = ::collapsekit::choose_class_sums_path(N * K, D, C, nt, sizeof(Acc));
       if (path == kPathDirect) sums_direct<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
+      else if (path == kPathRows) sums_rows<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
       else sums_sorted<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
     });
   });
@@ -215,13 +258,18 @@ void class_sums(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int
 
 #ifdef COLLAPSEKIT_ISA_BASE
 int choose_class_sums_path(int64_t N, int64_t D, int64_t C, int num_threads, int64_t acc_bytes) {
-  // Direct streams rows in memory order and wins once classes hold a few rows each; with fewer
-  // rows than classes the sorted path's gather is cheaper than scanning past empty work.
-  // Measured with `collapsekit bench` on a 2-core EPYC VM (docs/class_sums.md), direct vs sorted:
-  // N=200k D=512 C=8192 32 vs 34 ms; N=100k D=768 C=50257 38 vs 40 ms; N=10k D=128 C=16384
-  // sorted faster (1.3 vs 1.7 ms).
-  (void)D; (void)num_threads; (void)acc_bytes;
-  return N >= 2 * C ? kPathDirect : kPathSorted;
+  // Measured with interleaved repetitions on a 2-core EPYC VM (docs/class_sums.md), ms:
+  //                          rows   direct  sorted  (eager index_add_)
+  //   N=200k D=512  C=8192   21.5   28.9    32.0    41.8
+  //   N=1M   D=64   C=1000   11.2   23.2    22.9    31.8
+  //   N=100k D=768  C=50257  54.3   33.9    36.0    63.4
+  //   N=10k  D=128  C=16384   1.06   0.45    0.51    0.45
+  // rows (private accumulators) wins while the copies stay small; direct (class ownership)
+  // after that; with fewer entries than about two per class, sorted/direct tie and sorted
+  // skips scanning past empty classes.
+  if (N < 2 * C) return kPathSorted;
+  const int64_t private_bytes = C * D * acc_bytes * (std::max(1, num_threads) - 1);
+  return private_bytes <= kRowsMaxPrivateBytes ? kPathRows : kPathDirect;
 }
 
 #endif

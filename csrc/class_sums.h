@@ -3,7 +3,9 @@
 
 namespace collapsekit {
 
-constexpr int kPathAuto = 0, kPathSorted = 1, kPathDirect = 2;
+constexpr int kPathAuto = 0, kPathSorted = 1, kPathDirect = 2, kPathRows = 3;
+// Largest total of private [C, D] copies (bytes) for which the auto rule picks the rows path.
+constexpr int64_t kRowsMaxPrivateBytes = int64_t(16) << 20;
 
 // One definition per instruction-set build (namespaces base, avx2); bindings.cpp picks at run time.
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { \

@@ -11,7 +11,7 @@ cs_mod = importlib.import_module("collapsekit.ops.class_sums")  # the module (th
 from conftest import HAS_CUDA, HAS_TRITON, assert_close, backend_devices
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-PATHS = {"cpp": ["sorted", "direct"], "triton": ["sorted", "scan", "atomic"]}
+PATHS = {"cpp": ["sorted", "direct", "rows"], "triton": ["sorted", "scan", "atomic"]}
 
 
 def shapes(backend, device):
@@ -131,7 +131,7 @@ def test_large_class_skew_cpp(cpu_isa):
     y[torch.rand(n, generator=g) < 0.7] = 3
     h = torch.randn(n, d, generator=g)
     rs, rc = ref.class_sums(h, y, c)
-    for path in ("sorted", "direct"):
+    for path in ("sorted", "direct", "rows"):
         for threads in (1, 2, 3):
             old = torch.get_num_threads()
             torch.set_num_threads(threads)
@@ -149,7 +149,7 @@ def test_cpp_isa_builds_agree(cpu_isa, dtype):
     h = torch.randn(301, 45, generator=g).to(dtype)
     h[0, :4] = torch.tensor([1e-6, -7e-8, 65000.0, 0.0]).to(dtype)  # fp16 subnormals, large values
     y = torch.randint(0, 11, (301,), generator=g)
-    for path in ("sorted", "direct"):
+    for path in ("sorted", "direct", "rows"):
         sums, counts = ck.class_sums(h, y, 11, backend="cpp", path=path)
         rs, rc = ref.class_sums(h, y, 11)
         assert_close(sums, rs, dtype, scale=10)

@@ -46,7 +46,7 @@ def class_sum_problems(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(problem=class_sum_problems(), path=st.sampled_from(["auto", "sorted", "direct"]),
+@given(problem=class_sum_problems(), path=st.sampled_from(["auto", "sorted", "direct", "rows"]),
        threads=st.sampled_from([1, 2, 3]))
 def test_class_sums_cpp_matches_reference(problem, path, threads):
     feats, labels, c, weights, dtype = problem
@@ -76,7 +76,7 @@ def test_out_of_range_labels_rejected_or_ignored(n, c, bad):
     feats = torch.randn(n, 3)
     with pytest.raises(ValueError, match=rf"labels\[{pos}\] = {int(labels[pos])} is outside"):
         ck.class_sums(feats, labels, c)
-    for path in ("sorted", "direct"):  # check=False: the bad entry is skipped, nothing else changes
+    for path in ("sorted", "direct", "rows"):  # check=False: the bad entry is skipped, nothing else changes
         sums, counts = ck.class_sums(feats, labels, c, check=False, backend="cpp", path=path)
         rs, rc = ref.class_sums(feats, labels, c)
         assert_close(sums, rs, torch.float32)

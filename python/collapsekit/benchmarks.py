@@ -80,7 +80,7 @@ def _class_means_workload(n, d, c, dtype, devices, quick=False, full=True):
         return f.numel() * f.element_size() + inp["labels"].numel() * 8 + c * d * f.element_size() + c * 4
 
     variants = {
-        "cpu": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "direct")},
+        "cpu": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "direct", "rows")},
         "cuda": {p: (lambda p: lambda **k: ck.class_means(**k, path=p))(p) for p in ("sorted", "scan", "atomic")},
     }
     return Workload(

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _dispatch, _validate, reference
 
-_PATHS_CPP = {"auto": 0, "sorted": 1, "direct": 2}
+_PATHS_CPP = {"auto": 0, "sorted": 1, "direct": 2, "rows": 3}
 _PATHS_TRITON = ("auto", "sorted", "scan", "atomic")
 
 
@@ -142,7 +142,7 @@ def class_sums(features: Tensor, labels: Tensor, num_classes: int, weights: Opti
             ``check=False`` the scan is skipped and out-of-range entries are ignored (never written).
         backend: ``"auto" | "reference" | "cpp" | "triton"``.
         path: kernel choice for tuning and tests; ``"auto"`` (measured rule), cpp: ``"sorted"`` /
-            ``"direct"``, triton: ``"sorted"`` / ``"scan"`` / ``"atomic"``. Never changes the result beyond rounding.
+            ``"direct"`` / ``"rows"``, triton: ``"sorted"`` / ``"scan"`` / ``"atomic"``. Never changes the result beyond rounding.
 
     Returns:
         ``(sums [C, D], counts [C])``: ``sums[c] = Σ_{y_ik = c} w_ik · h_i`` in the dtype of
