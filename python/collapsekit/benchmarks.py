@@ -287,7 +287,7 @@ def run(device: str = "cpu", quick: bool = False, json_path: Optional[str] = Non
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("collapsekit bench: --device cuda but torch sees no CUDA device")
-    reps = reps or (5 if quick else (20 if dev.type == "cuda" else 7))
+    reps = reps or (5 if quick else (20 if dev.type == "cuda" else 11))
     rows = []
     info = machine_info(dev)
     echo(f"collapsekit bench on {info.get('gpu', info['cpu'])} ({dev.type}, {info['threads']} threads, "
