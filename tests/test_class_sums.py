@@ -252,6 +252,23 @@ def test_torch_compile_fullgraph_cpu():
     assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU: torch.compile lowers the Triton kernels for CUDA")
+def test_torch_compile_fullgraph_cuda():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(1001, 65, generator=g).cuda().requires_grad_()
+    y = torch.randint(0, 13, (1001,), generator=g).cuda()
+
+    def f(h_, y_):
+        means, counts = ck.class_means(h_, y_, 13, check=False)
+        return (means * 2).sum(), counts
+
+    out, counts = torch.compile(f, fullgraph=True)(h, y)
+    ref_out, ref_counts = f(h, y)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(counts, ref_counts)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------
