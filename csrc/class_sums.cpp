@@ -168,11 +168,7 @@ void sums_direct(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int
   nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, C)));
 #pragma omp parallel num_threads(nt)
   {
-#ifdef COLLAPSEKIT_OPENMP
-    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
-#else
-    const int t = 0, T_ = 1;
-#endif
+    const int t = thread_index(), T_ = team_size();
     // classes [lo, hi): the first class whose run starts at or after M*t/T, up to the next one
     const int64_t lo = t == 0 ? 0 : std::lower_bound(off.begin(), off.end(), M * t / T_) - off.begin();
     const int64_t hi = t == T_ - 1 ? C : std::lower_bound(off.begin(), off.end(), M * (t + 1) / T_) - off.begin();
@@ -201,11 +197,7 @@ void sums_rows(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int64
   if (nt > 1) advise_huge_pages(priv.get(), static_cast<size_t>(nt - 1) * CD * sizeof(Acc));
 #pragma omp parallel num_threads(nt)
   {
-#ifdef COLLAPSEKIT_OPENMP
-    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
-#else
-    const int t = 0, T_ = 1;
-#endif
+    const int t = thread_index(), T_ = team_size();
     Acc* acc = t == 0 ? sums : priv.get() + (t - 1) * CD;
     std::fill(acc, acc + CD, Acc(0));
     const int64_t lo = N * t / T_, hi = N * (t + 1) / T_;

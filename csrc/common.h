@@ -63,6 +63,22 @@ static inline void advise_huge_pages(void* p, size_t nbytes) {
 
 static inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
+// Inside a parallel region: this thread's index and the team size (0 and 1 without OpenMP).
+static inline int thread_index() {
+#ifdef COLLAPSEKIT_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+static inline int team_size() {
+#ifdef COLLAPSEKIT_OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 static inline int max_threads() {
 #ifdef COLLAPSEKIT_OPENMP
   return omp_get_max_threads();

@@ -60,19 +60,14 @@ def class_sums_atomic_kernel(
 
 
 @triton.jit
-def class_sums_scan_kernel(
-    feat_ptr, perm_ptr, sorted_labels_ptr, weights_ptr, sums_ptr, counts_ptr,
-    M, D, K, C,
-    fs0, fs1, ws0, ws1,
-    HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+def _sorted_block(perm_ptr, sorted_labels_ptr, weights_ptr, block, M, K, C, ws0, ws1,
+                  HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Block ``block`` of the label-sorted entries: (label, feature row, weight, valid, run end).
+    Invalid entries (padding, labels outside [0, C)) get weight 0 and are never flushed; a run
+    ends where the next sorted label differs, or at the end of the block."""
     offs = tl.arange(0, BLOCK_M)
-    pos = (pid_m * BLOCK_M + offs).to(tl.int64)
+    pos = (block * BLOCK_M + offs).to(tl.int64)
     pmask = pos < M
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
     y = tl.load(sorted_labels_ptr + pos, mask=pmask, other=-1)
     y_next = tl.load(sorted_labels_ptr + pos + 1, mask=(pos + 1) < M, other=-1)
     valid = pmask & (y >= 0) & (y < C)
@@ -82,6 +77,22 @@ def class_sums_scan_kernel(
         w = tl.load(weights_ptr + row * ws0 + (entry % K) * ws1, mask=valid, other=0.0).to(ACC)
     else:
         w = tl.where(valid, 1.0, 0.0).to(ACC)
+    run_end = valid & ((y_next != y) | (offs == BLOCK_M - 1))
+    return y, row, w, valid, run_end
+
+
+@triton.jit
+def class_sums_scan_kernel(
+    feat_ptr, perm_ptr, sorted_labels_ptr, weights_ptr, sums_ptr, counts_ptr,
+    M, D, K, C,
+    fs0, fs1, ws0, ws1,
+    HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(1)
+    y, row, w, valid, run_end = _sorted_block(perm_ptr, sorted_labels_ptr, weights_ptr, tl.program_id(0), M, K, C,
+                                              ws0, ws1, HAS_WEIGHTS, ACC, BLOCK_M)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
     x = tl.load(feat_ptr + row[:, None] * fs0 + cols[None, :] * fs1,
                 mask=valid[:, None] & cmask[None, :], other=0.0).to(ACC)
     x = x * w[:, None]
@@ -90,8 +101,6 @@ def class_sums_scan_kernel(
     key = tl.where(valid, y, -1).to(tl.int32)
     keys = tl.broadcast_to(key[:, None], (BLOCK_M, BLOCK_D))
     run_sums, _run_keys = tl.associative_scan((x, keys), 0, _segmented_add)
-    # A run ends where the next sorted label differs, or at the end of this block.
-    run_end = valid & ((y_next != y) | (offs == BLOCK_M - 1))
     tl.atomic_add(sums_ptr + y[:, None] * D + cols[None, :], run_sums,
                   mask=run_end[:, None] & cmask[None, :])
     if pid_d == 0:
@@ -107,25 +116,13 @@ def class_sums_sorted_kernel(
     HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_M)
-    pos = (pid * BLOCK_M + offs).to(tl.int64)
-    pmask = pos < M
-    y = tl.load(sorted_labels_ptr + pos, mask=pmask, other=-1)
-    y_next = tl.load(sorted_labels_ptr + pos + 1, mask=(pos + 1) < M, other=-1)
-    valid = pmask & (y >= 0) & (y < C)
-    entry = tl.load(perm_ptr + pos, mask=valid, other=0)
-    row = entry // K
-    if HAS_WEIGHTS:
-        w = tl.load(weights_ptr + row * ws0 + (entry % K) * ws1, mask=valid, other=0.0).to(ACC)
-    else:
-        w = tl.where(valid, 1.0, 0.0).to(ACC)
+    y, row, w, valid, run_end = _sorted_block(perm_ptr, sorted_labels_ptr, weights_ptr, tl.program_id(0), M, K, C,
+                                              ws0, ws1, HAS_WEIGHTS, ACC, BLOCK_M)
     key = tl.where(valid, y, -1)
     # seg[i, j] = w_j if entries i and j have the same (valid) label: row i of seg @ X is the
     # weighted total of i's run within this block.
     seg = tl.where((key[:, None] == key[None, :]) & valid[None, :], w[None, :], 0.0).to(ACC)
-    run_end = valid & ((y_next != y) | (offs == BLOCK_M - 1))  # flush each run once, at its end
-    tl.atomic_add(counts_ptr + y, tl.sum(seg, axis=1), mask=run_end)
+    tl.atomic_add(counts_ptr + y, tl.sum(seg, axis=1), mask=run_end)  # each run once, at its end
     seg = seg.to(DOT)  # DOT is the feature dtype only when seg is 0/1 (exact); else ACC
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)

@@ -1,0 +1,72 @@
+"""Compile every Triton kernel of collapsekit to cubin for sm_80 and sm_90 (no GPU needed).
+
+Run by tests/test_triton_compile.py in a subprocess without TRITON_INTERPRET (under the
+interpreter the kernels are not compilable objects). Exit status 0: all compiled; 3: this triton
+cannot compile ahead of time here (skipped by the test)."""
+import itertools
+import sys
+
+import triton
+import triton.language as tl
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    sys.exit(3)
+
+from collapsekit.kernels import scatter
+
+TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
+DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
+
+
+def compile_for(fn, pointers, ints, consts, target):
+    sig = {**pointers, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+    assert "cubin" in compiled.asm
+
+
+def scatter_cases():
+    for feat, has_weights in itertools.product(["bf16", "fp16", "fp32", "fp64"], [False, True]):
+        acc = "fp64" if feat == "fp64" else "fp32"
+        a = f"*{acc}"
+        common = {"HAS_WEIGHTS": has_weights, "ACC": DTYPES[acc]}
+        out = {"weights_ptr": a, "sums_ptr": a, "counts_ptr": a}
+        sorted_ptrs = {"feat_ptr": f"*{feat}", "perm_ptr": "*i64", "sorted_labels_ptr": "*i64", **out}
+        sorted_ints = ["M", "D", "K", "C", "fs0", "fs1", "ws0", "ws1"]
+        for path, (bm, bd, _nw) in scatter.TILES.items():
+            name = f"scatter.{path}[{feat}, weights={has_weights}]"
+            if path == "atomic":
+                yield name, scatter.class_sums_atomic_kernel, {"feat_ptr": f"*{feat}", "labels_ptr": "*i64", **out}, \
+                    ["N", "D", "K", "C", "fs0", "fs1", "ls0", "ls1", "ws0", "ws1"], \
+                    {**common, "BLOCK_N": bm, "BLOCK_D": bd}
+            elif path == "scan":
+                yield name, scatter.class_sums_scan_kernel, sorted_ptrs, sorted_ints, \
+                    {**common, "BLOCK_M": bm, "BLOCK_D": bd}
+            elif feat != "fp64":  # the launcher sends fp64 to the scan kernel
+                dot = DTYPES[feat] if (feat in ("fp16", "bf16") and not has_weights) else DTYPES[acc]
+                yield name, scatter.class_sums_sorted_kernel, sorted_ptrs, sorted_ints, \
+                    {**common, "DOT": dot, "BLOCK_M": bm, "BLOCK_D": bd}
+
+
+def main():
+    failures = 0
+    count = 0
+    for target in TARGETS:
+        for name, fn, ptrs, ints, consts in scatter_cases():
+            count += 1
+            try:
+                compile_for(fn, ptrs, ints, consts, target)
+            except Exception as e:  # report every failure, not just the first
+                if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                    print(f"no ptxas: {e}")
+                    sys.exit(3)
+                failures += 1
+                print(f"FAILED sm_{target.arch} {name}: {type(e).__name__}: {str(e)[:500]}")
+    print(f"{count - failures} compiled, {failures} failed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
