@@ -4,9 +4,7 @@ import torch
 
 import collapsekit as ck
 from collapsekit import reference as ref
-import importlib
-
-cs_mod = importlib.import_module("collapsekit.ops.class_sums")  # the module (the package exports the function)
+from collapsekit.ops import class_sums as cs_mod
 
 from conftest import HAS_CUDA, HAS_TRITON, assert_close, backend_devices
 

@@ -29,3 +29,15 @@ def test_compiled_core():
 def test_cli_help():
     out = subprocess.run([sys.executable, "-m", "collapsekit", "--help"], capture_output=True, text=True, check=True)
     assert "bench" in out.stdout
+
+
+def test_ci_runs_the_readme_commands():
+    """.ci/run must run the README's own install + test commands (so a missing step fails in CI)."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    test_cmd = 'pip install torch==2.13.0 && pip install ".[test]" && pytest'
+    bench_cmd = "pip install torch==2.13.0 && pip install . && collapsekit bench"
+    assert test_cmd in readme and bench_cmd in readme
+    assert test_cmd in ci and "collapsekit bench --quick" in ci

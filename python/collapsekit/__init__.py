@@ -4,7 +4,7 @@ Ops (see DESIGN.md / docs/): class_sums, class_means, ...; every op takes
 ``backend="auto" | "reference" | "cpp" | "triton"``.
 """
 from . import reference
-from .ops import class_means, class_sums
+from .ops.class_sums import class_means, class_sums
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""One module per op family: validation, torch.library registration, backend dispatch."""
-from .class_sums import class_means, class_sums
+"""One module per op family: validation, torch.library registration, backend dispatch.
 
-__all__ = ["class_sums", "class_means"]
+The public functions are exported from :mod:`collapsekit`; this package keeps the modules
+themselves reachable as ``collapsekit.ops.<family>``."""
