@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "class_sums.h"
+#include "within_class.h"
 
 namespace py = pybind11;
 using namespace collapsekit;
@@ -66,4 +67,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("C"), py::arg("sums"), py::arg("counts"), py::arg("path"), py::arg("num_threads"),
         "sums[C, D], counts[C] (accumulation dtype, contiguous) of weighted feature rows per label");
   m.def("choose_class_sums_path", &choose_class_sums_path);
+
+  using g = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, uintptr_t, int, int64_t, int64_t, int64_t,
+                     uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, int);
+  m.def("within_class_variance", static_cast<g>(CK_DISPATCH(within_class_variance)),
+        py::call_guard<py::gil_scoped_release>(),
+        py::arg("features"), py::arg("feature_dtype"), py::arg("N"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
+        py::arg("labels"), py::arg("label_dtype"), py::arg("K"), py::arg("ls0"), py::arg("ls1"),
+        py::arg("weights"), py::arg("ws0"), py::arg("ws1"),
+        py::arg("C"), py::arg("means"), py::arg("out"), py::arg("num_threads"),
+        "out[C] (accumulation dtype) = per-class sum of w * ||h - means[label]||^2; means contiguous, acc dtype");
 }

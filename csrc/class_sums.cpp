@@ -25,6 +25,7 @@
 
 #include "common.h"
 #include "class_sums.h"
+#include "views.h"
 
 namespace collapsekit {
 namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeLists.txt
@@ -32,36 +33,6 @@ namespace {
 
 constexpr int64_t kColumnBlock = 1024;  // accumulator columns kept hot in L1 while rows stream by
 constexpr int64_t kPrefetchRows = 4;    // gathered rows fetched ahead in the sorted path
-
-template <typename T, typename Acc>
-struct FeatureView {
-  const T* data; int64_t s0, s1, D;
-  inline void prefetch_row(int64_t row, int64_t d0, int64_t n) const {
-#if defined(__GNUC__)
-    const char* p = reinterpret_cast<const char*>(data + row * s0 + d0 * s1);
-    const int64_t bytes = n * s1 * static_cast<int64_t>(sizeof(T));
-    if (s1 == 1)
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
-#endif
-  }
-  // acc[0:n] += w * features[row, d0:d0+n]
-  inline void axpy_row(Acc* __restrict acc, int64_t row, int64_t d0, int64_t n, Acc w) const {
-    const T* __restrict p = data + row * s0 + d0 * s1;
-    if (s1 == 1) {
-      for (int64_t j = 0; j < n; ++j) acc[j] += w * to_acc<Acc>(p[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) acc[j] += w * to_acc<Acc>(p[j * s1]);
-    }
-  }
-};
-
-template <typename L, typename Acc>
-struct EntryView {
-  const L* labels; int64_t ls0, ls1, K;
-  const Acc* weights; int64_t ws0, ws1;  // weights == nullptr -> every weight is 1
-  inline int64_t label(int64_t i, int64_t k) const { return static_cast<int64_t>(labels[i * ls0 + k * ls1]); }
-  inline Acc weight(int64_t i, int64_t k) const { return weights ? weights[i * ws0 + k * ws1] : Acc(1); }
-};
 
 // counts[c] = sum of weights with label c (sequential: O(N*K) scalar work, negligible next to N*D).
 template <typename L, typename Acc>

@@ -15,7 +15,7 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import scatter
+from collapsekit.kernels import scatter, within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -50,11 +50,22 @@ def scatter_cases():
                     {**common, "DOT": dot, "BLOCK_M": bm, "BLOCK_D": bd}
 
 
+def within_class_cases():
+    for feat, has_weights in itertools.product(["bf16", "fp16", "fp32", "fp64"], [False, True]):
+        acc = "fp64" if feat == "fp64" else "fp32"
+        bn, bd, _nw = within_class.TILES["variance"]
+        yield f"within_class.variance[{feat}, weights={has_weights}]", within_class.within_class_variance_kernel, \
+            {"feat_ptr": f"*{feat}", "labels_ptr": "*i64", "weights_ptr": f"*{acc}", "means_ptr": f"*{acc}",
+             "out_ptr": f"*{acc}"}, \
+            ["N", "D", "K", "C", "fs0", "fs1", "ls0", "ls1", "ws0", "ws1"], \
+            {"HAS_WEIGHTS": has_weights, "ACC": DTYPES[acc], "BLOCK_N": bn, "BLOCK_D": bd}
+
+
 def main():
     failures = 0
     count = 0
     for target in TARGETS:
-        for name, fn, ptrs, ints, consts in scatter_cases():
+        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)

@@ -102,6 +102,40 @@ register(_class_means_workload(10_000, 128, 16384, torch.float32, ("cpu", "cuda"
 
 
 # ------------------------------------------------------------------------------------------------
+# within_class_variance
+# ------------------------------------------------------------------------------------------------
+
+def eager_within_class_variance(features, labels, means):
+    """What a user writes today: gather the means, subtract, square, reduce, index_add_."""
+    dist = (features - means[labels]).pow(2).sum(1)
+    return torch.zeros(means.shape[0], dtype=dist.dtype, device=features.device).index_add_(0, labels, dist)
+
+
+def _variance_workload(n, d, c, dtype, devices, quick=False, full=True):
+    base = _class_means_workload(n, d, c, dtype, devices)
+
+    def make(device):
+        inp = base.make(device)
+        means = ck.class_means(inp["features"], inp["labels"], c)[0]
+        return dict(features=inp["features"], labels=inp["labels"], means=means)
+
+    def nbytes(inp):
+        f, m = inp["features"], inp["means"]
+        return f.numel() * f.element_size() + inp["labels"].numel() * 8 + m.numel() * m.element_size() + c * 4
+
+    return Workload(
+        op="within_class_variance", shape=dict(N=n, D=d, C=c), dtype=dtype, make=make,
+        baselines={"eager": eager_within_class_variance}, collapsekit=ck.within_class_variance,
+        bytes_moved=nbytes, floor_bytes=lambda inp: inp["features"].numel() * inp["features"].element_size(),
+        devices=devices, quick=quick, full=full)
+
+
+register(_variance_workload(200_000, 512, 8192, torch.float32, ("cpu", "cuda")))
+register(_variance_workload(1_000_000, 4096, 50257, torch.bfloat16, ("cuda",)))
+register(_variance_workload(20_000, 256, 1024, torch.float32, ("cpu", "cuda"), quick=True, full=False))
+
+
+# ------------------------------------------------------------------------------------------------
 # measurement
 # ------------------------------------------------------------------------------------------------
 

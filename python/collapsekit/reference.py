@@ -43,3 +43,20 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     present = counts != 0
     safe = torch.where(present, counts, torch.ones_like(counts))
     return sums / safe[:, None], counts
+
+
+def within_class_variance(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor,
+                          weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """V[c] = Σ_{(i,k): y_ik = c} w_ik ‖h_i − μ_c‖²  ([C] fp64; a sum, σ_c² = V[c] / n_c).
+
+    Entries with a label outside [0, C) are ignored."""
+    h, mu = features.double(), means.double()
+    y, w = _entries(labels, weights, h.shape[0])
+    c = mu.shape[0]
+    out = h.new_zeros(c)
+    for k in range(y.shape[1]):
+        keep = (y[:, k] >= 0) & (y[:, k] < c)
+        yk = y[keep, k]
+        dist = (h[keep] - mu[yk]).pow(2).sum(1)
+        out = out.index_add(0, yk, w[keep, k] * dist)
+    return out

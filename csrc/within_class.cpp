@@ -1,0 +1,70 @@
+// Within-class statistics against given class means.
+//
+//   within_class_variance:  V[c] = sum over entries (i, k) with labels[i, k] == c of
+//                                   w[i, k] * ||features[i, :] - means[c, :]||^2
+//
+// One fused pass: each row is streamed once, its class's mean row gathered (the [C, D] means
+// are read, never written), the squared distance reduced over D in registers and added to the
+// class. No [N, D] temporary. Threads take contiguous row blocks and keep a private [C] total,
+// summed at the end. Entries with labels outside [0, C) are skipped. means and out are in the
+// accumulation dtype (fp32, or fp64 for fp64 features), contiguous.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "views.h"
+#include "within_class.h"
+
+namespace collapsekit {
+namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeLists.txt
+namespace {
+
+template <typename T, typename L, typename Acc>
+void variance_rows(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int64_t N, int64_t C,
+                   const Acc* means, Acc* out, int nt) {
+  const int64_t D = fv.D, K = ev.K;
+  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
+  std::vector<Acc> priv(static_cast<size_t>(nt) * C, Acc(0));
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = thread_index(), T_ = team_size();
+    Acc* v = priv.data() + static_cast<int64_t>(t) * C;
+    const int64_t lo = N * t / T_, hi = N * (t + 1) / T_;
+    for (int64_t i = lo; i < hi; ++i)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t c = ev.label(i, k);
+        if (c < 0 || c >= C) continue;
+        v[c] += ev.weight(i, k) * squared_distance(fv, i, means + c * D);
+      }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    Acc s = 0;
+    for (int t = 0; t < nt; ++t) s += priv[static_cast<size_t>(t) * C + c];
+    out[c] = s;
+  }
+}
+
+}  // namespace
+
+void within_class_variance(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int64_t fs0, int64_t fs1,
+                           uintptr_t labels, int label_dtype, int64_t K, int64_t ls0, int64_t ls1,
+                           uintptr_t weights, int64_t ws0, int64_t ws1,
+                           int64_t C, uintptr_t means, uintptr_t out, int num_threads) {
+  if (N < 0 || D < 0 || K < 1 || C < 1)
+    throw std::invalid_argument("collapsekit._C.within_class_variance: bad sizes");
+  const int nt = clamp_threads(num_threads);
+  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
+    using T = decltype(t_tag);
+    using Acc = decltype(acc_tag);
+    dispatch_index(label_dtype, [&](auto l_tag) {
+      using L = decltype(l_tag);
+      FeatureView<T, Acc> fv{reinterpret_cast<const T*>(features), fs0, fs1, D};
+      EntryView<L, Acc> ev{reinterpret_cast<const L*>(labels), ls0, ls1, K,
+                           reinterpret_cast<const Acc*>(weights), ws0, ws1};
+      variance_rows<T, L, Acc>(fv, ev, N, C, reinterpret_cast<const Acc*>(means), reinterpret_cast<Acc*>(out), nt);
+    });
+  });
+}
+
+}  // namespace COLLAPSEKIT_ISA
+}  // namespace collapsekit
