@@ -77,4 +77,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weights"), py::arg("ws0"), py::arg("ws1"),
         py::arg("C"), py::arg("means"), py::arg("out"), py::arg("num_threads"),
         "out[C] (accumulation dtype) = per-class sum of w * ||h - means[label]||^2; means contiguous, acc dtype");
+  using h = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, uintptr_t, int, int64_t, uintptr_t, int64_t,
+                     int64_t, uintptr_t, uintptr_t, uintptr_t, int);
+  m.def("center_rows", static_cast<h>(CK_DISPATCH(center_rows)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("features"), py::arg("feature_dtype"), py::arg("R"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
+        py::arg("labels"), py::arg("label_dtype"), py::arg("ls0"), py::arg("weights"), py::arg("ws0"),
+        py::arg("C"), py::arg("means"), py::arg("out"), py::arg("out_weights"), py::arg("num_threads"),
+        "out[R, D] = features - means[labels] (zero rows for out-of-range labels), out_weights[R] = weights");
 }

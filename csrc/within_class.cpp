@@ -66,5 +66,40 @@ void within_class_variance(uintptr_t features, int feature_dtype, int64_t N, int
   });
 }
 
+void center_rows(uintptr_t features, int feature_dtype, int64_t R, int64_t D, int64_t fs0, int64_t fs1,
+                 uintptr_t labels, int label_dtype, int64_t ls0, uintptr_t weights, int64_t ws0,
+                 int64_t C, uintptr_t means, uintptr_t out, uintptr_t out_weights, int num_threads) {
+  // out[r, :] = features[r, :] - means[labels[r], :] and out_weights[r] = weights[r] (1 if none);
+  // rows whose label is outside [0, C) get a zero row and weight 0. One tile of the centred Gram.
+  if (R < 0 || D < 0 || C < 1) throw std::invalid_argument("collapsekit._C.center_rows: bad sizes");
+  const int nt = clamp_threads(num_threads);
+  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
+    using T = decltype(t_tag);
+    using Acc = decltype(acc_tag);
+    dispatch_index(label_dtype, [&](auto l_tag) {
+      using L = decltype(l_tag);
+      FeatureView<T, Acc> fv{reinterpret_cast<const T*>(features), fs0, fs1, D};
+      EntryView<L, Acc> ev{reinterpret_cast<const L*>(labels), ls0, 0, 1, reinterpret_cast<const Acc*>(weights), ws0, 0};
+      const Acc* mu = reinterpret_cast<const Acc*>(means);
+      Acc* o = reinterpret_cast<Acc*>(out);
+      Acc* ow = reinterpret_cast<Acc*>(out_weights);
+#pragma omp parallel for num_threads(nt) schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t c = ev.label(r, 0);
+        Acc* dst = o + r * D;
+        if (c < 0 || c >= C) {
+          std::fill(dst, dst + D, Acc(0));
+          ow[r] = Acc(0);
+          continue;
+        }
+        const Acc* m = mu + c * D;
+        const T* p = fv.data + r * fs0;
+        for (int64_t d = 0; d < D; ++d) dst[d] = to_acc<Acc>(p[d * fs1]) - m[d];
+        ow[r] = ev.weight(r, 0);
+      }
+    });
+  });
+}
+
 }  // namespace COLLAPSEKIT_ISA
 }  // namespace collapsekit

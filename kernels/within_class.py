@@ -68,3 +68,49 @@ def within_class_variance(features: torch.Tensor, labels: torch.Tensor, weights,
         HAS_WEIGHTS=weights is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
     return out
+
+
+@triton.jit
+def center_rows_kernel(
+    feat_ptr, labels_ptr, weights_ptr, means_ptr, out_ptr, out_w_ptr,
+    R, D, C, fs0, fs1, ls0, ws0,
+    HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # out[r] = h[r] - means[y[r]] (zero row, weight 0 where y is outside [0, C)); one Gram tile.
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < R
+    y = tl.load(labels_ptr + rows * ls0, mask=rmask, other=-1).to(tl.int64)
+    valid = rmask & (y >= 0) & (y < C)
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + rows * ws0, mask=valid, other=0.0).to(ACC)
+    else:
+        w = tl.where(valid, 1.0, 0.0).to(ACC)
+    tl.store(out_w_ptr + rows, w, mask=rmask)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m = valid[:, None] & (cols < D)[None, :]
+        x = tl.load(feat_ptr + rows[:, None] * fs0 + cols[None, :] * fs1, mask=m, other=0.0).to(ACC)
+        mu = tl.load(means_ptr + y[:, None] * D + cols[None, :], mask=m, other=0.0)
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], x - mu, mask=rmask[:, None] & (cols < D)[None, :])
+
+
+TILES["center"] = (32, 128, 4)
+
+
+def center_rows(features, labels, weights, means, out, out_weights):
+    """out[:R] = features - means[labels]; labels [R] (one soft-label column), weights [R] or None."""
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
+    r, d = features.shape
+    bn, bd, nw = TILES["center"]
+    if interpret:
+        bn, bd = 16, 16
+    if weights is not None:
+        weights = weights.to(means.dtype)
+    wrap_triton(center_rows_kernel)[(triton.cdiv(r, bn),)](
+        features, labels, weights if weights is not None else out_weights, means, out, out_weights,
+        r, d, means.shape[0], features.stride(0), features.stride(1), labels.stride(0),
+        weights.stride(0) if weights is not None else 0,
+        HAS_WEIGHTS=weights is not None, ACC=tl.float64 if means.dtype == torch.float64 else tl.float32,
+        BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)

@@ -59,6 +59,12 @@ def within_class_cases():
              "out_ptr": f"*{acc}"}, \
             ["N", "D", "K", "C", "fs0", "fs1", "ls0", "ls1", "ws0", "ws1"], \
             {"HAS_WEIGHTS": has_weights, "ACC": DTYPES[acc], "BLOCK_N": bn, "BLOCK_D": bd}
+        bn, bd, _nw = within_class.TILES["center"]
+        yield f"within_class.center[{feat}, weights={has_weights}]", within_class.center_rows_kernel, \
+            {"feat_ptr": f"*{feat}", "labels_ptr": "*i64", "weights_ptr": f"*{acc}", "means_ptr": f"*{acc}",
+             "out_ptr": f"*{acc}", "out_w_ptr": f"*{acc}"}, \
+            ["R", "D", "C", "fs0", "fs1", "ls0", "ws0"], \
+            {"HAS_WEIGHTS": has_weights, "ACC": DTYPES[acc], "BLOCK_N": bn, "BLOCK_D": bd}
 
 
 def main():

@@ -132,3 +132,61 @@ def test_variance_bad_input():
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             fn()
+
+
+# ------------------------------------------------------------------------------------------------
+# within_class_covariance
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_covariance_hard(backend, device, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("interpreter: no bf16")
+    n, d, c = sizes(backend, device)
+    h, y, means, _ = problem(n, d, c, dtype, device, 11)
+    cov = ck.within_class_covariance(h, y, means, backend=backend)
+    assert cov.shape == (d, d) and torch.equal(cov, cov.t())
+    assert_close(cov, ref.within_class_covariance(h, y, means), torch.float32 if dtype != torch.float64 else dtype,
+                 scale=100)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("k,weighted", [(0, True), (2, False), (3, True)])
+def test_covariance_soft_weighted_strided(backend, device, k, weighted, monkeypatch):
+    monkeypatch.setattr(wc_mod, "_COV_TILE_ELEMENTS", 37 * 10)  # several tiles, a ragged last one
+    n, d, c = sizes(backend, device)
+    h, y, means, w = problem(n, d, c, torch.float64, device, 12, k=k, weighted=weighted)
+    h = torch.cat([h, h], 1)[:, 1::2]  # column stride 2
+    cov = ck.within_class_covariance(h, y, means.double(), w, backend=backend)
+    assert_close(cov, ref.within_class_covariance(h, y, means, w), torch.float64, scale=100)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_covariance_empty_and_out_of_range(backend, device):
+    n, d, c = sizes(backend, device)
+    h, y, means, _ = problem(n, d, c, torch.float32, device, 13)
+    assert ck.within_class_covariance(h[:0], y[:0], means, backend=backend).abs().max() == 0
+    assert ck.within_class_covariance(h[:, :0], y, means[:, :0], backend=backend).shape == (0, 0)
+    bad = y.clone()
+    bad[::3] = -4
+    cov = ck.within_class_covariance(h, bad, means, check=False, backend=backend)
+    assert_close(cov, ref.within_class_covariance(h, bad, means), torch.float32, scale=100)
+
+
+@pytest.mark.parametrize("backend", [b for b, dev in backend_devices() if dev == "cpu"])
+def test_covariance_gradcheck(backend):
+    h, y, means, w = problem(9, 4, 3, torch.float64, "cpu", 14, k=2, weighted=True)
+    h.requires_grad_(); w.requires_grad_()
+    means = means.double().requires_grad_()
+    f = lambda h_, m_, w_: ck.within_class_covariance(h_, y, m_, w_, backend=backend)
+    assert torch.autograd.gradcheck(f, (h, means, w))
+
+
+def test_covariance_opcheck_and_bad_input():
+    h, y, means, w = problem(23, 6, 5, torch.float64, "cpu", 15, weighted=True)
+    torch.library.opcheck(wc_mod._covariance_cpp, (h.requires_grad_(), y[:, None], w[:, None], means.double()))
+    with pytest.raises(ValueError, match="means has D=7 columns but features has D=6"):
+        ck.within_class_covariance(h, y, torch.zeros(5, 7))
+    with pytest.raises(ValueError, match=r"labels\[0\] = 9 is outside"):
+        ck.within_class_covariance(h, torch.full((23,), 9), means)

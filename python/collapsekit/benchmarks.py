@@ -111,7 +111,13 @@ def eager_within_class_variance(features, labels, means):
     return torch.zeros(means.shape[0], dtype=dist.dtype, device=features.device).index_add_(0, labels, dist)
 
 
-def _variance_workload(n, d, c, dtype, devices, quick=False, full=True):
+def eager_within_class_covariance(features, labels, means):
+    """What a user writes today: the full centred copy and one Gram."""
+    centred = features - means[labels]
+    return centred.t() @ centred
+
+
+def _variance_workload(n, d, c, dtype, devices, quick=False, full=True, covariance=False):
     base = _class_means_workload(n, d, c, dtype, devices)
 
     def make(device):
@@ -123,6 +129,13 @@ def _variance_workload(n, d, c, dtype, devices, quick=False, full=True):
         f, m = inp["features"], inp["means"]
         return f.numel() * f.element_size() + inp["labels"].numel() * 8 + m.numel() * m.element_size() + c * 4
 
+    if covariance:
+        return Workload(
+            op="within_class_covariance", shape=dict(N=n, D=d, C=c), dtype=dtype, make=make,
+            baselines={"eager": eager_within_class_covariance}, collapsekit=ck.within_class_covariance,
+            bytes_moved=lambda inp: nbytes(inp) + d * d * 4,
+            floor_bytes=lambda inp: inp["features"].numel() * inp["features"].element_size(),
+            devices=devices, quick=quick, full=full)
     return Workload(
         op="within_class_variance", shape=dict(N=n, D=d, C=c), dtype=dtype, make=make,
         baselines={"eager": eager_within_class_variance}, collapsekit=ck.within_class_variance,
@@ -133,6 +146,8 @@ def _variance_workload(n, d, c, dtype, devices, quick=False, full=True):
 register(_variance_workload(200_000, 512, 8192, torch.float32, ("cpu", "cuda")))
 register(_variance_workload(1_000_000, 4096, 50257, torch.bfloat16, ("cuda",)))
 register(_variance_workload(20_000, 256, 1024, torch.float32, ("cpu", "cuda"), quick=True, full=False))
+register(_variance_workload(200_000, 512, 8192, torch.float32, ("cpu", "cuda"), covariance=True))
+register(_variance_workload(20_000, 256, 1024, torch.float32, ("cpu", "cuda"), quick=True, full=False, covariance=True))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -60,3 +60,17 @@ def within_class_variance(features: torch.Tensor, labels: torch.Tensor, means: t
         dist = (h[keep] - mu[yk]).pow(2).sum(1)
         out = out.index_add(0, yk, w[keep, k] * dist)
     return out
+
+
+def within_class_covariance(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor,
+                            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_{(i,k)} w_ik (h_i − μ_{y_ik})(h_i − μ_{y_ik})ᵀ  ([D, D] fp64, a sum). Out-of-range labels ignored."""
+    h, mu = features.double(), means.double()
+    y, w = _entries(labels, weights, h.shape[0])
+    c = mu.shape[0]
+    out = h.new_zeros(h.shape[1], h.shape[1])
+    for k in range(y.shape[1]):
+        keep = (y[:, k] >= 0) & (y[:, k] < c)
+        centred = h[keep] - mu[y[keep, k]]
+        out = out + centred.t() @ (centred * w[keep, k, None])
+    return out

@@ -1,5 +1,5 @@
-"""within_class_variance (and, next, within_class_covariance): within-class scatter against
-given class means. Same pattern as ops/class_sums.py."""
+"""within_class_variance and within_class_covariance: within-class scatter against given class
+means. Same pattern as ops/class_sums.py."""
 from typing import Optional, Tuple
 
 import torch
@@ -92,6 +92,102 @@ for _op in (_variance_cpp, _variance_triton):
     _op.register_autograd(_variance_backward, setup_context=_variance_setup_context)
 
 
+# within_class_covariance: Σ w (h − μ_y)(h − μ_y)ᵀ, tile by tile. A kernel writes one centred tile
+# of rows (the gather and subtraction fused, never more than one [tile, D] buffer); the tile's Gram
+# goes to the BLAS of the device (torch.addmm), which is the fastest block product on both.
+_COV_TILE_ELEMENTS = 1 << 20  # rows per tile = this / D (4 MiB of fp32)
+
+
+def _covariance_tiles(features, labels, weights, means, center):
+    n, d = features.shape
+    acc = means.dtype
+    cov = torch.zeros(d, d, dtype=acc, device=features.device)
+    if n == 0 or d == 0:
+        return cov
+    tile = max(1, min(n, _COV_TILE_ELEMENTS // d))
+    buf = torch.empty(tile, d, dtype=acc, device=features.device)
+    wbuf = torch.empty(tile, dtype=acc, device=features.device)
+    for k in range(labels.shape[1]):
+        for lo in range(0, n, tile):
+            r = min(tile, n - lo)
+            center(features[lo:lo + r], labels[lo:lo + r, k],
+                   None if weights is None else weights[lo:lo + r, k], means, buf, wbuf)
+            c = buf[:r]
+            # unweighted: rows with a bad label are already zero; weighted: scale one side
+            cov.addmm_(c.t(), c if weights is None else c * wbuf[:r, None])
+    return (cov + cov.t()).mul_(0.5)  # exactly symmetric
+
+
+def _center_cpp(f, lab, w, means, out, out_w):
+    _dispatch.cpp().center_rows(
+        f.data_ptr(), _dispatch.FLOAT_CODES[f.dtype], f.shape[0], f.shape[1], f.stride(0), f.stride(1),
+        lab.data_ptr(), _dispatch.INDEX_CODES[lab.dtype], lab.stride(0),
+        0 if w is None else w.data_ptr(), 0 if w is None else w.stride(0),
+        means.shape[0], means.data_ptr(), out.data_ptr(), out_w.data_ptr(), _dispatch.num_threads())
+
+
+@torch.library.custom_op("collapsekit::within_class_covariance_cpp", mutates_args=())
+def _covariance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor) -> Tensor:
+    if weights is not None:
+        weights = weights.to(means.dtype)
+    return _covariance_tiles(features, labels, weights, means, _center_cpp)
+
+
+def _covariance_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor) -> Tensor:
+    from ..kernels import within_class
+
+    return _covariance_tiles(features, labels, weights, means, within_class.center_rows)
+
+
+if hasattr(torch.library, "triton_op"):
+    _covariance_triton = torch.library.triton_op("collapsekit::within_class_covariance_triton",
+                                                 _covariance_triton_impl, mutates_args=())
+else:
+    _covariance_triton = torch.library.custom_op("collapsekit::within_class_covariance_triton",
+                                                 _covariance_triton_impl, mutates_args=())
+
+
+def _covariance_fake(features, labels, weights, means):
+    return means.new_empty(features.shape[1], features.shape[1])
+
+
+def _covariance_backward(ctx, grad):
+    """With G' = (G + Gᵀ)/2 and c_ik = h_i − μ_{y_ik} (0 for out-of-range labels):
+        ∂/∂h_i  = 2 Σ_k w_ik G' c_ik,   ∂/∂μ_c = −2 G'(S_c − n_c μ_c),   ∂/∂w_ik = c_ikᵀ G' c_ik.
+    Written with torch ops: the [N, D] gradient plus one [N, D] centred copy per label column."""
+    features, labels, weights, means = ctx.saved_tensors
+    c = means.shape[0]
+    acc = means.dtype
+    valid = (labels >= 0) & (labels < c)
+    y = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    w = torch.ones(labels.shape, dtype=acc, device=labels.device) if weights is None else weights.to(acc)
+    w = w * valid
+    gs = (grad + grad.t()).to(acc) * 0.5
+    h = features.to(acc)
+    grad_features = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+    wcols = []
+    for k in range(labels.shape[1]):
+        ck_ = (h - torch.index_select(means, 0, y[:, k])) * valid[:, k:k + 1]
+        gc = ck_ @ gs
+        if grad_features is not None:
+            grad_features.add_(gc * (2 * w[:, k:k + 1]))
+        if ctx.needs_input_grad[2]:
+            wcols.append((gc * ck_).sum(1))
+    grad_means = None
+    if ctx.needs_input_grad[3]:
+        sums, counts = _class_sums_acc(features.detach(), labels, c, w, False, "auto", "auto", "within_class_covariance")
+        grad_means = -2 * (sums - counts[:, None] * means) @ gs
+    grad_weights = torch.stack(wcols, 1).to(ctx.weights_dtype) if ctx.needs_input_grad[2] else None
+    if grad_features is not None:
+        grad_features = grad_features.to(ctx.features_dtype)
+    return grad_features, None, grad_weights, grad_means
+
+
+for _op in (_covariance_cpp, _covariance_triton):
+    _op.register_fake(_covariance_fake)
+    _op.register_autograd(_covariance_backward, setup_context=_variance_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -137,3 +233,31 @@ def within_class_variance(features: Tensor, labels: Tensor, means: Tensor, weigh
     if backend == "cpp":
         return _variance_cpp(features, labels2, weights2, means_acc)
     return _variance_triton(features, labels2, weights2, means_acc)
+
+
+def within_class_covariance(features: Tensor, labels: Tensor, means: Tensor, weights: Optional[Tensor] = None, *,
+                            check: bool = True, backend: str = "auto") -> Tensor:
+    """Within-class scatter matrix ``Σ_W·N = Σ_{(i,k)} w_ik (h_i − μ_{y_ik})(h_i − μ_{y_ik})ᵀ`` (a sum).
+
+    Args: as :func:`within_class_variance`.
+
+    Returns:
+        ``[D, D]`` symmetric, in the accumulation dtype. Computed tile by tile (one ``[tile, D]``
+        centred buffer, the gather and subtraction fused in a C++ or Triton kernel, the tile's
+        Gram on the device's BLAS): extra memory O(tile·D + D²). Differentiable in ``features``,
+        ``means`` and ``weights``.
+    """
+    op = "within_class_covariance"
+    _validate.floating(features, "features", op, ndim=2)
+    _means_arg(features, means, op)
+    c = means.shape[0]
+    labels2, weights2 = _validate.class_labels(features, labels, weights, c, op, check)
+    _validate.same_device(op, features=features, means=means)
+    backend = _dispatch.resolve_backend(backend, features.device, op)
+    acc = _dispatch.accumulation_dtype(features.dtype)
+    if backend == "reference":
+        return reference.within_class_covariance(features, labels, means, weights).to(acc)
+    means_acc = means.to(acc).contiguous()
+    if backend == "cpp":
+        return _covariance_cpp(features, labels2, weights2, means_acc)
+    return _covariance_triton(features, labels2, weights2, means_acc)
