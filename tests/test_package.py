@@ -41,3 +41,11 @@ def test_ci_runs_the_readme_commands():
     bench_cmd = "pip install torch==2.13.0 && pip install . && collapsekit bench"
     assert test_cmd in readme and bench_cmd in readme
     assert test_cmd in ci and "collapsekit bench --quick" in ci
+
+
+def test_readme_usage_example_runs():
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"## Usage\n\n```python\n(.*?)```", readme, re.S).group(1)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
