@@ -114,3 +114,77 @@ def center_rows(features, labels, weights, means, out, out_weights):
         weights.stride(0) if weights is not None else 0,
         HAS_WEIGHTS=weights is not None, ACC=tl.float64 if means.dtype == torch.float64 else tl.float32,
         BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
+
+
+@triton.jit
+def within_class_covariance_kernel(
+    feat_ptr, labels_ptr, weights_ptr, means_ptr, out_ptr,
+    N, D, C, fs0, fs1, ls0, ws0, rows_per_split,
+    HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One [BLOCK_D, BLOCK_D] block (bi, bj) of S_W = Σ_r w_r c_r c_rᵀ with c = h − μ[y], over one
+    # split of the rows; the centring is fused into the loads of both operands (no centred copy
+    # anywhere), the block product runs on tl.dot, and splits meet in out with fp32 atomics.
+    bi = tl.program_id(0)
+    bj = tl.program_id(1)
+    split = tl.program_id(2)
+    ci = bi * BLOCK_D + tl.arange(0, BLOCK_D)
+    cj = bj * BLOCK_D + tl.arange(0, BLOCK_D)
+    mi = ci < D
+    mj = cj < D
+    acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=ACC)
+    r0 = split * rows_per_split
+    for k0 in range(0, rows_per_split, BLOCK_K):
+        rows = (r0 + k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        rmask = (rows < N) & (k0 + tl.arange(0, BLOCK_K) < rows_per_split)
+        y = tl.load(labels_ptr + rows * ls0, mask=rmask, other=-1).to(tl.int64)
+        valid = rmask & (y >= 0) & (y < C)
+        a = tl.load(feat_ptr + rows[:, None] * fs0 + ci[None, :] * fs1, mask=valid[:, None] & mi[None, :], other=0.0)
+        a = a.to(ACC) - tl.load(means_ptr + y[:, None] * D + ci[None, :], mask=valid[:, None] & mi[None, :], other=0.0)
+        b = tl.load(feat_ptr + rows[:, None] * fs0 + cj[None, :] * fs1, mask=valid[:, None] & mj[None, :], other=0.0)
+        b = b.to(ACC) - tl.load(means_ptr + y[:, None] * D + cj[None, :], mask=valid[:, None] & mj[None, :], other=0.0)
+        if HAS_WEIGHTS:
+            w = tl.load(weights_ptr + rows * ws0, mask=valid, other=0.0).to(ACC)
+            b = b * w[:, None]
+        acc += tl.dot(tl.trans(a.to(DOT)), b.to(DOT), input_precision="ieee", out_dtype=ACC)
+    tl.atomic_add(out_ptr + ci[:, None] * D + cj[None, :], acc, mask=mi[:, None] & mj[None, :])
+
+
+TILES["covariance"] = (64, 64, 4)  # (rows per step, output block, warps): not yet tuned on a GPU
+
+
+def within_class_covariance(features, labels, weights, means, splits=None):
+    """Fused-centring covariance: features [N, D], labels [N, K], weights [N, K] or None, means
+    [C, D] contiguous in the accumulation dtype. Returns S_W [D, D] in that dtype (not symmetrised)."""
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
+    n, d = features.shape
+    acc_dtype = means.dtype
+    out = torch.zeros(d, d, dtype=acc_dtype, device=features.device)
+    if n == 0 or d == 0:
+        return out
+    bk, bd, nw = TILES["covariance"]
+    if interpret:
+        bk, bd = 16, 16
+    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    # products in the feature dtype for fp16/bf16 (what a bf16 torch.mm does), else in ACC (IEEE)
+    dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(features.dtype, acc)
+    blocks = triton.cdiv(d, bd)
+    if splits is None:  # enough programs to fill the GPU: about 4 per SM over the output blocks
+        sms = torch.cuda.get_device_properties(features.device).multi_processor_count if features.is_cuda else 4
+        splits = max(1, min(triton.cdiv(n, bk), (4 * sms) // (blocks * blocks) or 1))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), bk) * bk
+    splits = triton.cdiv(n, rows_per_split)
+    if weights is not None:
+        weights = weights.to(acc_dtype)
+    for k in range(labels.shape[1]):
+        lab = labels[:, k]
+        wk = None if weights is None else weights[:, k]
+        wrap_triton(within_class_covariance_kernel)[(blocks, blocks, splits)](
+            features, lab, wk if wk is not None else out, means, out,
+            n, d, means.shape[0], features.stride(0), features.stride(1), lab.stride(0),
+            wk.stride(0) if wk is not None else 0, rows_per_split,
+            HAS_WEIGHTS=wk is not None, ACC=acc, DOT=dot, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw)
+    return out

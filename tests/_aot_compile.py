@@ -66,6 +66,14 @@ def within_class_cases():
             ["R", "D", "C", "fs0", "fs1", "ls0", "ws0"], \
             {"HAS_WEIGHTS": has_weights, "ACC": DTYPES[acc], "BLOCK_N": bn, "BLOCK_D": bd}
 
+        bk, bd, _nw = within_class.TILES["covariance"]
+        dot = DTYPES[feat] if feat in ("fp16", "bf16") else DTYPES[acc]
+        yield f"within_class.covariance[{feat}, weights={has_weights}]", within_class.within_class_covariance_kernel, \
+            {"feat_ptr": f"*{feat}", "labels_ptr": "*i64", "weights_ptr": f"*{acc}", "means_ptr": f"*{acc}",
+             "out_ptr": f"*{acc}"}, \
+            ["N", "D", "C", "fs0", "fs1", "ls0", "ws0", "rows_per_split"], \
+            {"HAS_WEIGHTS": has_weights, "ACC": DTYPES[acc], "DOT": dot, "BLOCK_K": bk, "BLOCK_D": bd}
+
 
 def main():
     failures = 0

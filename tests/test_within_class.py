@@ -138,39 +138,43 @@ def test_variance_bad_input():
 # within_class_covariance
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", backend_devices())
+COV_PATHS = [(b, dev, p) for b, dev in backend_devices() for p in (("tiles", "fused") if b == "triton" else ("tiles",))]
+
+
+@pytest.mark.parametrize("backend,device,path", COV_PATHS)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_covariance_hard(backend, device, dtype):
+def test_covariance_hard(backend, device, path, dtype):
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("interpreter: no bf16")
     n, d, c = sizes(backend, device)
     h, y, means, _ = problem(n, d, c, dtype, device, 11)
-    cov = ck.within_class_covariance(h, y, means, backend=backend)
+    cov = ck.within_class_covariance(h, y, means, backend=backend, path=path)
     assert cov.shape == (d, d) and torch.equal(cov, cov.t())
-    assert_close(cov, ref.within_class_covariance(h, y, means), torch.float32 if dtype != torch.float64 else dtype,
-                 scale=100)
+    # fused fp16 products round the centred values to fp16 (as a fp16 torch.mm would)
+    tol = dtype if (path == "fused" and dtype == torch.float16) else (torch.float32 if dtype != torch.float64 else dtype)
+    assert_close(cov, ref.within_class_covariance(h, y, means), tol, scale=100)
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("backend,device,path", COV_PATHS)
 @pytest.mark.parametrize("k,weighted", [(0, True), (2, False), (3, True)])
-def test_covariance_soft_weighted_strided(backend, device, k, weighted, monkeypatch):
+def test_covariance_soft_weighted_strided(backend, device, path, k, weighted, monkeypatch):
     monkeypatch.setattr(wc_mod, "_COV_TILE_ELEMENTS", 37 * 10)  # several tiles, a ragged last one
     n, d, c = sizes(backend, device)
     h, y, means, w = problem(n, d, c, torch.float64, device, 12, k=k, weighted=weighted)
     h = torch.cat([h, h], 1)[:, 1::2]  # column stride 2
-    cov = ck.within_class_covariance(h, y, means.double(), w, backend=backend)
+    cov = ck.within_class_covariance(h, y, means.double(), w, backend=backend, path=path)
     assert_close(cov, ref.within_class_covariance(h, y, means, w), torch.float64, scale=100)
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
-def test_covariance_empty_and_out_of_range(backend, device):
+@pytest.mark.parametrize("backend,device,path", COV_PATHS)
+def test_covariance_empty_and_out_of_range(backend, device, path):
     n, d, c = sizes(backend, device)
     h, y, means, _ = problem(n, d, c, torch.float32, device, 13)
-    assert ck.within_class_covariance(h[:0], y[:0], means, backend=backend).abs().max() == 0
-    assert ck.within_class_covariance(h[:, :0], y, means[:, :0], backend=backend).shape == (0, 0)
+    assert ck.within_class_covariance(h[:0], y[:0], means, backend=backend, path=path).abs().max() == 0
+    assert ck.within_class_covariance(h[:, :0], y, means[:, :0], backend=backend, path=path).shape == (0, 0)
     bad = y.clone()
     bad[::3] = -4
-    cov = ck.within_class_covariance(h, bad, means, check=False, backend=backend)
+    cov = ck.within_class_covariance(h, bad, means, check=False, backend=backend, path=path)
     assert_close(cov, ref.within_class_covariance(h, bad, means), torch.float32, scale=100)
 
 
@@ -185,8 +189,22 @@ def test_covariance_gradcheck(backend):
 
 def test_covariance_opcheck_and_bad_input():
     h, y, means, w = problem(23, 6, 5, torch.float64, "cpu", 15, weighted=True)
-    torch.library.opcheck(wc_mod._covariance_cpp, (h.requires_grad_(), y[:, None], w[:, None], means.double()))
+    torch.library.opcheck(wc_mod._covariance_cpp, (h.requires_grad_(), y[:, None], w[:, None], means.double(), "tiles"))
+    with pytest.raises(ValueError, match="path for the cpp backend must be one of"):
+        ck.within_class_covariance(h, y, means, backend="cpp", path="fused")
     with pytest.raises(ValueError, match="means has D=7 columns but features has D=6"):
         ck.within_class_covariance(h, y, torch.zeros(5, 7))
     with pytest.raises(ValueError, match=r"labels\[0\] = 9 is outside"):
         ck.within_class_covariance(h, torch.full((23,), 9), means)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_fused_covariance_row_splits():
+    """The fused kernel splits the rows over programs and adds the splits with atomics."""
+    from collapsekit.kernels import within_class
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    h, y, means, w = problem(101, 37, 5, torch.float32, device, 16, weighted=True)
+    for splits in (1, 3, 7):
+        cov = within_class.within_class_covariance(h, y[:, None], w[:, None], means, splits=splits)
+        assert_close(cov, ref.within_class_covariance(h, y, means, w), torch.float32, scale=100)

@@ -117,7 +117,12 @@ def eager_within_class_covariance(features, labels, means):
     return centred.t() @ centred
 
 
-def _variance_workload(n, d, c, dtype, devices, quick=False, full=True, covariance=False):
+def plain_gram(features, labels, means):
+    """The speed reference for covariance on a GPU: one uncentred torch.mm of the same size."""
+    return features.t() @ features
+
+
+def _variance_workload(n, d, c, dtype, devices, quick=False, full=True, covariance=False, reference_mm=False):
     base = _class_means_workload(n, d, c, dtype, devices)
 
     def make(device):
@@ -132,7 +137,10 @@ def _variance_workload(n, d, c, dtype, devices, quick=False, full=True, covarian
     if covariance:
         return Workload(
             op="within_class_covariance", shape=dict(N=n, D=d, C=c), dtype=dtype, make=make,
-            baselines={"eager": eager_within_class_covariance}, collapsekit=ck.within_class_covariance,
+            # plain_mm is a speed reference (the issue's GPU goal), not the same computation
+            baselines={"eager": eager_within_class_covariance, **({"plain_mm": plain_gram} if reference_mm else {})},
+            collapsekit=ck.within_class_covariance,
+            variants={"cuda": {"fused": lambda **k: ck.within_class_covariance(**k, path="fused")}},
             bytes_moved=lambda inp: nbytes(inp) + d * d * 4,
             floor_bytes=lambda inp: inp["features"].numel() * inp["features"].element_size(),
             devices=devices, quick=quick, full=full)
@@ -147,6 +155,7 @@ register(_variance_workload(200_000, 512, 8192, torch.float32, ("cpu", "cuda")))
 register(_variance_workload(1_000_000, 4096, 50257, torch.bfloat16, ("cuda",)))
 register(_variance_workload(20_000, 256, 1024, torch.float32, ("cpu", "cuda"), quick=True, full=False))
 register(_variance_workload(200_000, 512, 8192, torch.float32, ("cpu", "cuda"), covariance=True))
+register(_variance_workload(1_000_000, 4096, 50257, torch.bfloat16, ("cuda",), covariance=True, reference_mm=True))
 register(_variance_workload(20_000, 256, 1024, torch.float32, ("cpu", "cuda"), quick=True, full=False, covariance=True))
 
 

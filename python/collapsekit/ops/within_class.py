@@ -127,15 +127,20 @@ def _center_cpp(f, lab, w, means, out, out_w):
 
 
 @torch.library.custom_op("collapsekit::within_class_covariance_cpp", mutates_args=())
-def _covariance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor) -> Tensor:
+def _covariance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor,
+                    path: str) -> Tensor:
     if weights is not None:
         weights = weights.to(means.dtype)
     return _covariance_tiles(features, labels, weights, means, _center_cpp)
 
 
-def _covariance_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor) -> Tensor:
+def _covariance_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor,
+                            path: str) -> Tensor:
     from ..kernels import within_class
 
+    if path == "fused":  # centring fused into a tl.dot kernel; not yet measured on a GPU
+        cov = within_class.within_class_covariance(features, labels, weights, means)
+        return (cov + cov.t()).mul_(0.5)
     return _covariance_tiles(features, labels, weights, means, within_class.center_rows)
 
 
@@ -147,7 +152,7 @@ else:
                                                  _covariance_triton_impl, mutates_args=())
 
 
-def _covariance_fake(features, labels, weights, means):
+def _covariance_fake(features, labels, weights, means, path):
     return means.new_empty(features.shape[1], features.shape[1])
 
 
@@ -180,12 +185,16 @@ def _covariance_backward(ctx, grad):
     grad_weights = torch.stack(wcols, 1).to(ctx.weights_dtype) if ctx.needs_input_grad[2] else None
     if grad_features is not None:
         grad_features = grad_features.to(ctx.features_dtype)
-    return grad_features, None, grad_weights, grad_means
+    return grad_features, None, grad_weights, grad_means, None
+
+
+def _covariance_setup_context(ctx, inputs, output):
+    _variance_setup_context(ctx, inputs[:4], output)
 
 
 for _op in (_covariance_cpp, _covariance_triton):
     _op.register_fake(_covariance_fake)
-    _op.register_autograd(_covariance_backward, setup_context=_variance_setup_context)
+    _op.register_autograd(_covariance_backward, setup_context=_covariance_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ def within_class_variance(features: Tensor, labels: Tensor, means: Tensor, weigh
 
 
 def within_class_covariance(features: Tensor, labels: Tensor, means: Tensor, weights: Optional[Tensor] = None, *,
-                            check: bool = True, backend: str = "auto") -> Tensor:
+                            check: bool = True, backend: str = "auto", path: str = "auto") -> Tensor:
     """Within-class scatter matrix ``Σ_W·N = Σ_{(i,k)} w_ik (h_i − μ_{y_ik})(h_i − μ_{y_ik})ᵀ`` (a sum).
 
     Args: as :func:`within_class_variance`.
@@ -245,7 +254,9 @@ def within_class_covariance(features: Tensor, labels: Tensor, means: Tensor, wei
         ``[D, D]`` symmetric, in the accumulation dtype. Computed tile by tile (one ``[tile, D]``
         centred buffer, the gather and subtraction fused in a C++ or Triton kernel, the tile's
         Gram on the device's BLAS): extra memory O(tile·D + D²). Differentiable in ``features``,
-        ``means`` and ``weights``.
+        ``means`` and ``weights``. ``path="fused"`` (Triton only) instead centres inside the loads
+        of a ``tl.dot`` kernel (no centred buffer at all); ``"auto"`` is ``"tiles"`` until the
+        fused kernel has been measured on a GPU.
     """
     op = "within_class_covariance"
     _validate.floating(features, "features", op, ndim=2)
@@ -257,7 +268,11 @@ def within_class_covariance(features: Tensor, labels: Tensor, means: Tensor, wei
     acc = _dispatch.accumulation_dtype(features.dtype)
     if backend == "reference":
         return reference.within_class_covariance(features, labels, means, weights).to(acc)
+    paths = ("auto", "tiles") + (("fused",) if backend == "triton" else ())
+    if path not in paths:
+        raise ValueError(f"{op}: path for the {backend} backend must be one of {paths}, got {path!r}")
+    path = "tiles" if path == "auto" else path
     means_acc = means.to(acc).contiguous()
     if backend == "cpp":
-        return _covariance_cpp(features, labels2, weights2, means_acc)
-    return _covariance_triton(features, labels2, weights2, means_acc)
+        return _covariance_cpp(features, labels2, weights2, means_acc, path)
+    return _covariance_triton(features, labels2, weights2, means_acc, path)
