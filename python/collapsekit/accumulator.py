@@ -22,7 +22,7 @@ from . import _validate
 from .ops.class_sums import _class_sums_acc
 from .ops.within_class import within_class_covariance, within_class_variance
 
-_TOTALS = ("sums", "counts", "variance_sums", "covariance_sum")
+_TOTALS = ("sums", "counts", "variance_sums", "covariance_sum", "decisions")
 
 
 class CollapseAccumulator:
@@ -45,12 +45,13 @@ class CollapseAccumulator:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)
         shapes = {"sums": (num_classes, dim), "counts": (num_classes,), "variance_sums": (num_classes,),
-                  "covariance_sum": (dim, dim) if self.covariance else (0, 0)}
+                  "covariance_sum": (dim, dim) if self.covariance else (0, 0),
+                  "decisions": (2,)}  # NC4: [rows where NCC != classifier, rows]
         # totals = synced (summed over ranks at the last all_reduce) + local (gathered since)
         self._synced = {k: z(*s) for k, s in shapes.items()}
         self._local = {k: z(*s) for k, s in shapes.items()}
         self._frozen_means: Optional[torch.Tensor] = None
-        self.batches = {"means": 0, "variance": 0}
+        self.batches = {"means": 0, "variance": 0, "decisions": 0}
 
     # -- read-outs (fp64) ---------------------------------------------------------------------
     def _total(self, key):
@@ -86,7 +87,7 @@ class CollapseAccumulator:
         return self._frozen_means
 
     # -- passes -------------------------------------------------------------------------------
-    def _check(self, features, labels, weights, op):
+    def _check(self, features, labels, weights, op):  # labels=None: features only
         _validate.floating(features, "features", op, ndim=2)
         if features.shape[1] != self.dim:
             raise ValueError(f"{op}: features has D={features.shape[1]} but the accumulator was built for "
@@ -95,7 +96,8 @@ class CollapseAccumulator:
         if not bool(finite.all()):
             bad = (~finite).nonzero()[:, 0]
             raise ValueError(f"{op}: features has {bad.numel()} row(s) with NaN or Inf (first: row {int(bad[0])})")
-        _validate.class_labels(features, labels, weights, self.num_classes, op, check=True)
+        if labels is not None:
+            _validate.class_labels(features, labels, weights, self.num_classes, op, check=True)
 
     def update_means(self, features: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None):
         """Pass 1: add a batch's per-class sums and counts."""
@@ -124,6 +126,56 @@ class CollapseAccumulator:
             cov = within_class_covariance(features, labels, means, weights, check=False)
             self._local["covariance_sum"] += cov.to(self.device, torch.float64)
         self.batches["variance"] += 1
+
+    def update_decisions(self, features: torch.Tensor, logits_or_predictions: torch.Tensor):
+        """NC4: count the rows whose nearest class center (over the present classes, against the
+        frozen means, or the current ones before pass 2) differs from the classifier's decision.
+        ``logits_or_predictions``: ``[N, C]`` logits (arg-max taken) or ``[N]`` class ids."""
+        from .metrics import nearest_center_ids
+
+        op = "CollapseAccumulator.update_decisions"
+        self._check(features, None, None, op)
+        p = logits_or_predictions
+        _validate.tensor(p, "logits_or_predictions", op)
+        if p.dim() == 2 and p.is_floating_point():
+            if p.shape != (features.shape[0], self.num_classes):
+                raise ValueError(f"{op}: logits must be [N, C]=({features.shape[0]}, {self.num_classes}), "
+                                 f"got {tuple(p.shape)}")
+            p = p.argmax(1)
+        elif p.dim() != 1 or p.shape[0] != features.shape[0] or p.is_floating_point():
+            raise ValueError(f"{op}: logits_or_predictions must be [N, C] logits or [N] integer class ids, "
+                             f"got {tuple(p.shape)} {p.dtype}")
+        counts = self.counts
+        if not bool((counts != 0).any()):
+            raise RuntimeError(f"{op}: call update_means over the data (pass 1) first")
+        means = self._frozen_means if self._frozen_means is not None else self.means
+        present = (counts != 0).nonzero()[:, 0]
+        ncc = nearest_center_ids(features, means[present], present)
+        disagree = float((ncc != p.to(ncc.device).long()).sum())
+        self._local["decisions"] += torch.tensor([disagree, float(features.shape[0])], dtype=torch.float64,
+                                                 device=self.device)
+        self.batches["decisions"] += 1
+
+    def metrics(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        """The DESIGN.md metric dict (see :mod:`collapsekit.metrics`). ``weight [C, D]`` / ``bias [C]``:
+        the classifier, for nc3, nc3_cos, unc3 and per_class weight_norms. nc4 appears once
+        ``update_decisions`` has counted rows; nc1 needs ``covariance=True``."""
+        from .metrics import metrics_from_totals
+
+        op = "CollapseAccumulator.metrics"
+        if weight is not None:
+            _validate.floating(weight, "weight", op, ndim=2)
+            if tuple(weight.shape) != (self.num_classes, self.dim):
+                raise ValueError(f"{op}: weight must be [C, D]=({self.num_classes}, {self.dim}), got {tuple(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (self.num_classes,):
+            raise ValueError(f"{op}: bias must be [C]=({self.num_classes},), got {tuple(bias.shape)}")
+        if self.batches["variance"] == 0 and not bool(self.variance_sums.any()):
+            raise RuntimeError(f"{op}: run update_variance over the data (pass 2) first")
+        means = self._frozen_means if self._frozen_means is not None else self.means
+        return metrics_from_totals(self.counts, means, self.variance_sums,
+                                   self._total("covariance_sum") if self.covariance else None,
+                                   None if weight is None else weight.to(self.device),
+                                   None if bias is None else bias.to(self.device), self._total("decisions"))
 
     # -- distributed --------------------------------------------------------------------------
     def all_reduce(self, group=None) -> None:
@@ -166,6 +218,8 @@ class CollapseAccumulator:
         for k in _TOTALS:
             for part, store in (("synced_", self._synced), ("local_", self._local)):
                 t = state.get(part + k)
+                if t is None and k == "decisions":  # states saved before NC4 decisions existed
+                    continue
                 if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(store[k].shape):
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{op}: {part + k} must be a tensor of shape {tuple(store[k].shape)}, got {got}")
@@ -173,7 +227,25 @@ class CollapseAccumulator:
         if fm is not None and tuple(fm.shape) != (self.num_classes, self.dim):
             raise ValueError(f"{op}: frozen_means must have shape {(self.num_classes, self.dim)}, got {tuple(fm.shape)}")
         for k in _TOTALS:
-            self._synced[k] = state["synced_" + k].to(self.device, torch.float64).clone()
-            self._local[k] = state["local_" + k].to(self.device, torch.float64).clone()
+            if "synced_" + k in state:
+                self._synced[k] = state["synced_" + k].to(self.device, torch.float64).clone()
+                self._local[k] = state["local_" + k].to(self.device, torch.float64).clone()
         self._frozen_means = None if fm is None else fm.to(self.device, torch.float64).clone()
-        self.batches = dict(state.get("batches", {"means": 0, "variance": 0}))
+        self.batches = {"means": 0, "variance": 0, "decisions": 0, **state.get("batches", {})}
+
+
+def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
+                     weights: Optional[torch.Tensor] = None, covariance: bool = True) -> Dict[str, Any]:
+    """Every neural-collapse metric of in-memory ``features [N, D]`` with ``labels`` (and optional
+    per-sample ``weights``), and of the classifier ``weight [C, D]`` / ``bias [C]`` if given: the
+    two passes of :class:`CollapseAccumulator` plus the NC4 decisions (tiled, no [N, C] logits)."""
+    from .metrics import classifier_argmax
+
+    acc = CollapseAccumulator(num_classes, features.shape[1] if features.dim() == 2 else 0,
+                              device=features.device, covariance=covariance)
+    acc.update_means(features, labels, weights)
+    acc.update_variance(features, labels, weights)
+    if weight is not None:
+        acc.update_decisions(features, classifier_argmax(features, weight, bias))
+    return acc.metrics(weight, bias)

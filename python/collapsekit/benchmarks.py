@@ -160,6 +160,66 @@ register(_variance_workload(20_000, 256, 1024, torch.float32, ("cpu", "cuda"), q
 
 
 # ------------------------------------------------------------------------------------------------
+# pairwise class geometry and nearest class center (issue 4)
+# ------------------------------------------------------------------------------------------------
+
+def eager_pairwise_geometry(centred, variances):
+    """The neural-collapse-library style: full C x C grids and a triangle mask."""
+    k = centred.shape[0]
+    g = centred @ centred.t()
+    norms = g.diagonal().sqrt()
+    cos = g / (norms[:, None] * norms[None, :])
+    d2 = torch.cdist(centred, centred).pow(2)
+    mask = torch.ones(k, k, dtype=torch.bool, device=centred.device).triu(1)
+    pc = cos[mask]
+    u = centred / norms[:, None]
+    return dict(cdnv=((variances[:, None] + variances[None, :]) / (2 * d2))[mask].mean(),
+                equiangle=pc.std(unbiased=False), coherence=(pc + 1 / (k - 1)).abs().mean(),
+                gnc2=torch.log(1 / torch.cdist(u, u)[mask]).mean())
+
+
+def _collapsekit_pairwise(centred, variances):
+    from .metrics import pairwise_geometry
+
+    return pairwise_geometry(centred, variances)
+
+
+def _pairwise_workload(c, d, quick=False, full=True):
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(0)
+        m = torch.randn(c, d, generator=g, device=device)
+        return dict(centred=m - m.mean(0), variances=torch.rand(c, generator=g, device=device).double())
+
+    return Workload(op="pairwise_geometry", shape=dict(C=c, D=d), dtype=torch.float32, make=make,
+                    baselines={"eager": eager_pairwise_geometry}, collapsekit=_collapsekit_pairwise,
+                    bytes_moved=lambda inp: c * d * 4, floor_bytes=lambda inp: c * d * 4,
+                    devices=("cpu", "cuda"), quick=quick, full=full)
+
+
+def eager_nearest_class_center(features, means):
+    """What a user writes today: the full [N, C] distance matrix."""
+    return torch.cdist(features, means).argmin(1)
+
+
+def _ncc_workload(n, d, c, quick=False, full=True):
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(0)
+        return dict(features=torch.randn(n, d, generator=g, device=device),
+                    means=torch.randn(c, d, generator=g, device=device))
+
+    return Workload(op="nearest_class_center", shape=dict(N=n, D=d, C=c), dtype=torch.float32, make=make,
+                    baselines={"eager": eager_nearest_class_center}, collapsekit=ck.nearest_class_center,
+                    bytes_moved=lambda inp: (n + c) * d * 4 + n * 8, floor_bytes=lambda inp: n * d * 4,
+                    devices=("cpu", "cuda"), quick=quick, full=full)
+
+
+register(_pairwise_workload(8192, 512))
+register(_pairwise_workload(1024, 128, quick=True, full=False))
+register(_ncc_workload(50_000, 512, 8192))
+register(_ncc_workload(5_000, 128, 1024, quick=True, full=False))
+
+
+# ------------------------------------------------------------------------------------------------
 # measurement
 # ------------------------------------------------------------------------------------------------
 

@@ -74,3 +74,51 @@ def within_class_covariance(features: torch.Tensor, labels: torch.Tensor, means:
         centred = h[keep] - mu[y[keep, k]]
         out = out + centred.t() @ (centred * w[keep, k, None])
     return out
+
+
+def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                     weights: Optional[torch.Tensor] = None) -> dict:
+    """DESIGN.md's metric formulas, written out literally in fp64 with full K x K grids and [N, C]
+    logits (the test oracle; the library computes them tiled)."""
+    import math
+
+    h = features.double()
+    means, counts = class_means(features, labels, num_classes, weights)
+    present = counts != 0
+    k = int(present.sum())
+    mu = means[present]
+    m_g = mu.mean(0)
+    mt = mu - m_g
+    n = counts[present]
+    var = within_class_variance(features, labels, means, weights)[present] / n
+    sigma_w = within_class_covariance(features, labels, means, weights) / n.sum()
+    sigma_b = mt.t() @ mt / k
+    out = {}
+    out["nc1"] = float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, rtol=1e-10, hermitian=True))) / k
+    out["nc1_quotient"] = float(torch.trace(sigma_w) / torch.trace(sigma_b))
+    iu = torch.triu_indices(k, k, 1)
+    d2 = torch.cdist(mu, mu).pow(2)
+    out["cdnv"] = float(((var[:, None] + var[None, :]) / (2 * d2))[iu[0], iu[1]].mean())
+    norms = mt.norm(dim=1)
+    out["nc2_equinorm"] = float(norms.std(unbiased=False) / norms.mean())
+    cos = (mt @ mt.t()) / (norms[:, None] * norms[None, :])
+    pc = cos[iu[0], iu[1]]
+    out["nc2_equiangle"] = float(pc.std(unbiased=False))
+    out["nc2_coherence"] = float((pc + 1 / (k - 1)).abs().mean())
+    u = mt / norms[:, None]
+    out["gnc2"] = float(torch.log(1 / torch.cdist(u, u)[iu[0], iu[1]]).mean())
+    g = mt @ mt.t()
+    ideal = (torch.eye(k, dtype=g.dtype) - 1.0 / k) / math.sqrt(k - 1)
+    out["etf_error"] = float((g / g.norm() - ideal).norm())
+    if weight is not None:
+        wp = weight.double()[present]
+        out["nc3"] = float((wp / wp.norm() - mt / mt.norm()).pow(2).sum())
+        c3 = (wp * mt).sum(1) / (wp.norm(dim=1) * norms)
+        out["nc3_cos"] = float(c3.mean())
+        out["unc3"] = float(c3.var(unbiased=False))
+        logits = h @ weight.double().t() + (0 if bias is None else bias.double())
+        ids = present.nonzero()[:, 0]
+        ncc = ids[torch.cdist(h, mu).argmin(1)]
+        out["nc4"] = float((ncc != logits.argmax(1)).double().mean())
+    return out
