@@ -11,6 +11,7 @@
 #include "common.h"
 #include "class_sums.h"
 #include "within_class.h"
+#include "pairwise.h"
 
 namespace py = pybind11;
 using namespace collapsekit;
@@ -84,4 +85,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("labels"), py::arg("label_dtype"), py::arg("ls0"), py::arg("weights"), py::arg("ws0"),
         py::arg("C"), py::arg("means"), py::arg("out"), py::arg("out_weights"), py::arg("num_threads"),
         "out[R, D] = features - means[labels] (zero rows for out-of-range labels), out_weights[R] = weights");
+
+  using p = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int,
+                     double, uintptr_t, int);
+  m.def("pairwise_tile_sums", static_cast<p>(CK_DISPATCH(pairwise_tile_sums)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("gram"), py::arg("gram_dtype"), py::arg("ta"), py::arg("tb"), py::arg("gs0"),
+        py::arg("norms2_a"), py::arg("norms2_b"), py::arg("var_a"), py::arg("var_b"), py::arg("strict_upper"),
+        py::arg("inv_k1"), py::arg("out"), py::arg("num_threads"),
+        "out[6] (fp64) += pair count, sums of cos, cos^2, |cos + 1/(K-1)|, log-kernel, CDNV over one Gram tile");
 }

@@ -15,7 +15,7 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import scatter, within_class
+from collapsekit.kernels import pairwise, scatter, within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -23,6 +23,9 @@ DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl
 
 def compile_for(fn, pointers, ints, consts, target):
     sig = {**pointers, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
+    if "inv_k1" in fn.arg_names:
+        sig["inv_k1"] = "fp64"
+        sig = {k: sig[k] for k in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
     assert "cubin" in compiled.asm
 
@@ -75,11 +78,21 @@ def within_class_cases():
             {"HAS_WEIGHTS": has_weights, "ACC": DTYPES[acc], "DOT": dot, "BLOCK_K": bk, "BLOCK_D": bd}
 
 
+def pairwise_cases():
+    ba, bb, _nw = pairwise.TILES["pairwise"]
+    for gram, strict, has_var in itertools.product(["fp32", "fp64"], [False, True], [False, True]):
+        yield f"pairwise.tile[{gram}, strict={strict}, var={has_var}]", pairwise.pairwise_tile_kernel, \
+            {"gram_ptr": f"*{gram}", "n2a_ptr": "*fp64", "n2b_ptr": "*fp64", "va_ptr": "*fp64", "vb_ptr": "*fp64",
+             "out_ptr": "*fp64"}, \
+            ["TA", "TB", "gs0"], \
+            {"STRICT_UPPER": strict, "HAS_VAR": has_var, "BLOCK_A": ba, "BLOCK_B": bb}
+
+
 def main():
     failures = 0
     count = 0
     for target in TARGETS:
-        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases()):
+        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)

@@ -146,3 +146,22 @@ def test_nearest_class_center(dtype, monkeypatch):
         ck.nearest_class_center(h, means[:, :6])
     with pytest.raises(NotImplementedError, match="no dedicated kernel yet"):
         ck.nearest_class_center(h, means, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_tile_kernels_match_torch(backend, dtype):
+    from conftest import HAS_CUDA, HAS_TRITON
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("needs triton")
+    device = "cuda" if (backend == "triton" and HAS_CUDA) else "cpu"
+    g = torch.Generator().manual_seed(6)
+    m = torch.randn(45, 9, generator=g, dtype=torch.float64)
+    centred = (m - m.mean(0)).to(dtype).to(device)
+    var = torch.rand(45, generator=g, dtype=torch.float64).to(device)
+    want = M.pairwise_geometry(centred, var, tile=13, backend="reference")
+    got = M.pairwise_geometry(centred, var, tile=13, backend=backend)
+    assert want["pairs"] == 45 * 44 / 2
+    for key in want:
+        tol = 1e-5 if (backend == "triton" and key == "log_kernel") else 1e-9  # fp32 log in Triton
+        assert got[key] == pytest.approx(want[key], rel=tol), key

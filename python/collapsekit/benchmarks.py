@@ -181,7 +181,7 @@ def eager_pairwise_geometry(centred, variances):
 def _collapsekit_pairwise(centred, variances):
     from .metrics import pairwise_geometry
 
-    return pairwise_geometry(centred, variances)
+    return pairwise_geometry(centred, variances)  # auto: C++ tile reduction on CPU, Triton on CUDA
 
 
 def _pairwise_workload(c, d, quick=False, full=True):

@@ -8,8 +8,8 @@ arg-min / arg-max. Conventions follow the neural-collapse library of Wu & Papyan
 mean is the unweighted mean of the present classes' means, CDNV uses distance exponent 1, NC1 uses
 the pseudo-inverse of the between-class covariance.
 
-This first version computes the tiled reductions with torch ops (BLAS Gram tiles, fp64 sums);
-dedicated C++/Triton kernels for the sweeps are the next step.
+The pairwise sweep reduces each BLAS Gram tile with a fused C++ (CPU) or Triton (CUDA) kernel;
+the NC4 decisions and nearest class center are still tiled torch operations.
 """
 import math
 from typing import Any, Dict, Optional
@@ -21,39 +21,70 @@ ROW_TILE = 4096      # feature rows per step of the NC4 decisions
 CLASS_TILE = 4096    # classes per step of the NC4 decisions
 
 
+_PAIR_KEYS = ("pairs", "cos", "cos2", "coherence", "log_kernel", "cdnv")
+
+
+def _tile_sums_torch(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
+    """The pair terms of one Gram tile with torch ops (the reference for the kernels)."""
+    g = g.double()
+    mask = torch.ones_like(g, dtype=torch.bool)
+    if strict_upper:
+        mask = mask.triu(1)
+    cos = g / (n2a.sqrt()[:, None] * n2b.sqrt()[None, :])
+    terms = [mask.double(), cos, cos * cos, (cos + inv_k1).abs(),
+             -0.5 * torch.log((2 - 2 * cos).clamp_min(1e-300))]
+    if va is not None:
+        d2 = (n2a[:, None] + n2b[None, :] - 2 * g).clamp_min(0)
+        terms.append((va[:, None] + vb[None, :]) / (2 * d2))
+    for i, t in enumerate(terms):
+        out[i] += t[mask].sum()
+
+
+def _tile_sums_cpp(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
+    from . import _dispatch
+
+    _dispatch.cpp().pairwise_tile_sums(
+        g.data_ptr(), _dispatch.FLOAT_CODES[g.dtype], g.shape[0], g.shape[1], g.stride(0),
+        n2a.data_ptr(), n2b.data_ptr(), 0 if va is None else va.data_ptr(), 0 if vb is None else vb.data_ptr(),
+        int(strict_upper), inv_k1, out.data_ptr(), _dispatch.num_threads())
+
+
+def _tile_sums_triton(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
+    from .kernels import pairwise
+
+    pairwise.pairwise_tile_sums(g, n2a, n2b, va, vb, strict_upper, inv_k1, out)
+
+
 def pairwise_geometry(centred: torch.Tensor, variances: Optional[torch.Tensor] = None,
-                      tile: int = PAIR_TILE) -> Dict[str, float]:
+                      tile: Optional[int] = None, backend: str = "auto") -> Dict[str, float]:
     """One sweep over the pairs c < c' of the rows of ``centred`` ([K, D], the centred means of the
-    present classes) that returns the pair means needed by cdnv, nc2_equiangle, nc2_coherence and
-    gnc2. Gram tiles in the input dtype, every sum in fp64; memory O(tile^2)."""
+    present classes) returning the pair sums behind cdnv, nc2_equiangle, nc2_coherence and gnc2.
+
+    Gram tiles ``[tile, tile]`` of the upper triangle come from the device's BLAS in the input
+    dtype; each tile is reduced in one fused pass (C++ on CPU, Triton on CUDA, torch ops for
+    ``backend="reference"``) into fp64 sums. Memory O(tile²)."""
+    from . import _dispatch
+
+    tile = tile or PAIR_TILE
     k = centred.shape[0]
-    norms2 = centred.double().pow(2).sum(1)
-    norms = norms2.sqrt()
-    inv_k1 = 1.0 / (k - 1)
-    total = dict(pairs=0.0, cos=0.0, cos2=0.0, coherence=0.0, log_kernel=0.0, cdnv=0.0)
+    if backend == "reference":
+        reduce = _tile_sums_torch
+    else:
+        resolved = _dispatch.resolve_backend(backend, centred.device, "pairwise_geometry")
+        reduce = {"cpp": _tile_sums_cpp, "triton": _tile_sums_triton, "reference": _tile_sums_torch}[resolved]
+    c32 = centred if centred.dtype in (torch.float32, torch.float64) else centred.float()
+    n2 = c32.double().pow(2).sum(1)
+    var = None if variances is None else variances.to(centred.device, torch.float64).contiguous()
+    out = torch.zeros(6, dtype=torch.float64, device=centred.device)
+    inv_k1 = 1.0 / (k - 1) if k > 1 else 0.0
     for a0 in range(0, k, tile):
         a1 = min(k, a0 + tile)
         for b0 in range(a0, k, tile):
             b1 = min(k, b0 + tile)
-            g = (centred[a0:a1] @ centred[b0:b1].t()).double()          # [ta, tb]
-            mask = None
-            if a0 == b0:  # diagonal tile: strictly upper triangle only
-                ia = torch.arange(a0, a1, device=g.device)[:, None]
-                ib = torch.arange(b0, b1, device=g.device)[None, :]
-                mask = ia < ib
-            cos = g / (norms[a0:a1, None] * norms[None, b0:b1])
-            dist2 = (norms2[a0:a1, None] + norms2[None, b0:b1] - 2 * g).clamp_min(0)
-            terms = {
-                "cos": cos, "cos2": cos * cos, "coherence": (cos + inv_k1).abs(),
-                # log(1 / ||u - u'||) with ||u - u'||^2 = 2 - 2 cos
-                "log_kernel": -0.5 * torch.log((2 - 2 * cos).clamp_min(1e-300)),
-            }
-            if variances is not None:
-                terms["cdnv"] = (variances[a0:a1, None] + variances[None, b0:b1]) / (2 * dist2)
-            for key, t in terms.items():
-                total[key] += float((t[mask] if mask is not None else t).sum())
-            total["pairs"] += float(mask.sum()) if mask is not None else g.numel()
-    return total
+            g = c32[a0:a1] @ c32[b0:b1].t()
+            reduce(g, n2[a0:a1], n2[b0:b1], None if var is None else var[a0:a1],
+                   None if var is None else var[b0:b1], a0 == b0, inv_k1, out)
+    return dict(zip(_PAIR_KEYS, (float(v) for v in out)))
 
 
 def _nc1(centred: torch.Tensor, sigma_w: torch.Tensor, rtol: float = 1e-10) -> float:
