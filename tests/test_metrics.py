@@ -165,3 +165,12 @@ def test_pairwise_tile_kernels_match_torch(backend, dtype):
     for key in want:
         tol = 1e-5 if (backend == "triton" and key == "log_kernel") else 1e-9  # fp32 log in Triton
         assert got[key] == pytest.approx(want[key], rel=tol), key
+
+
+def test_single_present_class_has_no_geometry_keys():
+    h = torch.randn(20, 3, dtype=torch.float64)
+    got = ck.collapse_metrics(h, torch.zeros(20, dtype=torch.long), 4, weight=torch.randn(4, 3, dtype=torch.float64))
+    assert got["num_present"] == 1
+    for key in KEYS + ["nc3", "nc3_cos", "unc3"]:
+        assert key not in got
+    assert got["nc4"] == 0 and got["per_class"]["weight_norms"].shape == (4,)

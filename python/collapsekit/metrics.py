@@ -209,6 +209,8 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
     if weight is not None:
         w = weight.double()
         per_class["weight_norms"] = w.norm(dim=1)
+    if weight is not None and k >= 2:  # with one class the centred mean is 0: no direction to compare
+        w = weight.double()
         wp = w[idx]
         out["nc3"] = float((wp / wp.norm() - centred / centred.norm()).pow(2).sum())
         cos = (wp * centred).sum(1) / (wp.norm(dim=1) * mean_norms)
