@@ -169,8 +169,11 @@ def test_pairwise_tile_kernels_match_torch(backend, dtype):
 
 def test_single_present_class_has_no_geometry_keys():
     h = torch.randn(20, 3, dtype=torch.float64)
-    got = ck.collapse_metrics(h, torch.zeros(20, dtype=torch.long), 4, weight=torch.randn(4, 3, dtype=torch.float64))
+    w = torch.randn(4, 3, dtype=torch.float64)
+    got = ck.collapse_metrics(h, torch.zeros(20, dtype=torch.long), 4, weight=w)
     assert got["num_present"] == 1
     for key in KEYS + ["nc3", "nc3_cos", "unc3"]:
         assert key not in got
-    assert got["nc4"] == 0 and got["per_class"]["weight_norms"].shape == (4,)
+    # the only center is class 0: nc4 is the fraction of rows the classifier sends elsewhere
+    assert got["nc4"] == pytest.approx(float(((h @ w.t()).argmax(1) != 0).double().mean()))
+    assert got["per_class"]["weight_norms"].shape == (4,)
