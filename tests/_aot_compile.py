@@ -15,7 +15,7 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import pairwise, scatter, within_class
+from collapsekit.kernels import nearest_center, pairwise, scatter, within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -88,11 +88,21 @@ def pairwise_cases():
             {"STRICT_UPPER": strict, "HAS_VAR": has_var, "BLOCK_A": ba, "BLOCK_B": bb}
 
 
+def nearest_center_cases():
+    bn, bc, bd, _nw = nearest_center.TILES["nearest_center"]
+    for feat in ["bf16", "fp16", "fp32"]:
+        dot = DTYPES[feat]
+        yield f"nearest_center[{feat}]", nearest_center.nearest_center_kernel, \
+            {"feat_ptr": f"*{feat}", "means_ptr": "*fp32", "norms2_ptr": "*fp32", "out_ptr": "*i64"}, \
+            ["N", "C", "D", "fs0", "fs1", "ms0"], \
+            {"DOT": dot, "BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_D": bd}
+
+
 def main():
     failures = 0
     count = 0
     for target in TARGETS:
-        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases()):
+        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)

@@ -116,10 +116,16 @@ def test_metric_errors():
     assert "nc1" not in ck.collapse_metrics(h, y, 5, covariance=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nearest_class_center(dtype, monkeypatch):
-    monkeypatch.setattr(M, "ROW_TILE", 37)
-    monkeypatch.setattr(M, "CLASS_TILE", 5)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_nearest_class_center(backend, dtype, monkeypatch):
+    from conftest import HAS_CUDA, HAS_TRITON
+    from collapsekit.ops import nearest_center as ncc_mod
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("needs triton")
+    device = "cuda" if (backend == "triton" and HAS_CUDA) else "cpu"
+    monkeypatch.setattr(ncc_mod, "ROW_TILE", 37)
+    monkeypatch.setattr(ncc_mod, "CLASS_TILE", 5)
     g = torch.Generator().manual_seed(5)
     means = torch.randn(23, 7, generator=g, dtype=torch.float64)
     means[17] = means[4]  # an exact duplicate: ties go to the lower index
@@ -144,8 +150,7 @@ def test_nearest_class_center(dtype, monkeypatch):
         ck.nearest_class_center(h, means, torch.ones(22, dtype=torch.bool))
     with pytest.raises(ValueError, match="means has D=6 columns"):
         ck.nearest_class_center(h, means[:, :6])
-    with pytest.raises(NotImplementedError, match="no dedicated kernel yet"):
-        ck.nearest_class_center(h, means, backend="cpp")
+    assert ck.nearest_class_center(h[:0], means, backend=backend).shape == (0,)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

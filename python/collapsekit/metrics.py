@@ -125,25 +125,11 @@ def _compute_dtype(features: torch.Tensor) -> torch.dtype:
 
 
 def nearest_center_ids(features: torch.Tensor, means: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-    """For each row, ``class_ids[argmin_j ‖h − means[j]‖²]`` (ties: lowest j), tiled over rows and
-    classes with a running arg-min of ``‖μ‖² − 2 h·μ``; no [N, C] in memory."""
-    dt = _compute_dtype(features)
-    mu = means.to(features.device, dt)
-    mu_n2 = mu.pow(2).sum(1)
-    out = torch.empty(features.shape[0], dtype=torch.long, device=features.device)
-    for r0 in range(0, features.shape[0], ROW_TILE):
-        h = features[r0:r0 + ROW_TILE].to(dt)
-        best = arg = None
-        for c0 in range(0, mu.shape[0], CLASS_TILE):
-            d = torch.addmm(mu_n2[None, c0:c0 + CLASS_TILE], h, mu[c0:c0 + CLASS_TILE].t(), alpha=-2)
-            v, i = d.min(1)
-            if best is None:
-                best, arg = v, i + c0
-            else:  # strict: an earlier tile keeps ties
-                better = v < best
-                best, arg = torch.where(better, v, best), torch.where(better, i + c0, arg)
-        out[r0:r0 + ROW_TILE] = class_ids.to(features.device)[arg]
-    return out
+    """For each row, ``class_ids[argmin_j ‖h − means[j]‖²]`` through :func:`nearest_class_center`
+    (tiled, no [N, C] in memory)."""
+    from .ops.nearest_center import nearest_class_center
+
+    return class_ids.to(features.device)[nearest_class_center(features, means.to(features.device))]
 
 
 def classifier_argmax(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
