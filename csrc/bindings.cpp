@@ -95,9 +95,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("inv_k1"), py::arg("out"), py::arg("num_threads"),
         "out[6] (fp64) += pair count, sums of cos, cos^2, |cos + 1/(K-1)|, log-kernel, CDNV over one Gram tile");
 
-  using q = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t, int);
+  using q = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, uintptr_t, double, int64_t, uintptr_t, uintptr_t, int);
   m.def("argmin_tile_update", static_cast<q>(CK_DISPATCH(argmin_tile_update)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("dots"), py::arg("dtype"), py::arg("R"), py::arg("T"), py::arg("ds0"), py::arg("norms2"),
-        py::arg("col0"), py::arg("best"), py::arg("best_idx"), py::arg("num_threads"),
-        "running arg-min of norms2[j] - 2 dots[r, j] over one [R, T] tile (best/best_idx updated in place)");
+        py::arg("dots"), py::arg("dtype"), py::arg("R"), py::arg("T"), py::arg("ds0"), py::arg("offsets"),
+        py::arg("alpha"), py::arg("col0"), py::arg("best"), py::arg("best_idx"), py::arg("num_threads"),
+        "running arg-min of offsets[j] + alpha * dots[r, j] over one [R, T] tile (best/best_idx updated in place)");
 }

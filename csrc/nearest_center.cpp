@@ -1,11 +1,12 @@
-// nearest_class_center: the running arg-min over one tile of classes.
+// The running arg-min behind nearest_class_center and the NC4 classifier decision.
 //
-// Given dots[r, j] = h_r · μ_{col0 + j} for a [R, T] tile (the product comes from BLAS) and the
-// squared norms ‖μ_j‖² of the tile's classes, update, for every row, the best score
-// ‖μ‖² − 2 h·μ seen so far and its column: one fused pass over the tile, strict comparisons
-// so that on equal scores the earlier (lower) class keeps its place. best/best_idx persist
-// across the tiles of a row block (best starts at +inf). The scores are accumulated in the
-// tile's dtype (fp32 or fp64).
+// Given dots[r, j] = h_r · v_{col0 + j} for a [R, T] tile (the product comes from BLAS) and a
+// per-column offset, update, for every row, the best score offsets[j] + alpha · dots[r, j] seen
+// so far and its column: one fused pass over the tile, strict comparisons so that on equal
+// scores the earlier (lower) class keeps its place. best/best_idx persist across the tiles of a
+// row block (best starts at +inf).
+//   nearest class center: v = μ, offsets = ‖μ‖², alpha = −2   (argmin ‖h − μ‖²)
+//   classifier decision:  v = w, offsets = −b,    alpha = −1   (argmax w·h + b)
 #include <limits>
 
 #include "common.h"
@@ -16,7 +17,7 @@ namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeList
 namespace {
 
 template <typename S>
-void update(const S* dots, int64_t R, int64_t T, int64_t ds0, const S* n2, int64_t col0, S* best,
+void update(const S* dots, int64_t R, int64_t T, int64_t ds0, const S* n2, S alpha, int64_t col0, S* best,
             int64_t* best_idx, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
@@ -24,7 +25,7 @@ void update(const S* dots, int64_t R, int64_t T, int64_t ds0, const S* n2, int64
     S b = best[r];
     int64_t bi = best_idx[r];
     for (int64_t j = 0; j < T; ++j) {
-      const S s = n2[j] - S(2) * row[j];
+      const S s = n2[j] + alpha * row[j];
       if (s < b) { b = s; bi = col0 + j; }
     }
     best[r] = b;
@@ -35,15 +36,16 @@ void update(const S* dots, int64_t R, int64_t T, int64_t ds0, const S* n2, int64
 }  // namespace
 
 void argmin_tile_update(uintptr_t dots, int dtype, int64_t R, int64_t T, int64_t ds0, uintptr_t norms2,
-                        int64_t col0, uintptr_t best, uintptr_t best_idx, int num_threads) {
+                        double alpha, int64_t col0, uintptr_t best, uintptr_t best_idx, int num_threads) {
   if (R < 0 || T < 0) throw std::invalid_argument("collapsekit._C.argmin_tile_update: bad sizes");
   const int nt = clamp_threads(num_threads);
   auto* bi = reinterpret_cast<int64_t*>(best_idx);
   if (dtype == F32)
-    update(reinterpret_cast<const float*>(dots), R, T, ds0, reinterpret_cast<const float*>(norms2), col0,
+    update(reinterpret_cast<const float*>(dots), R, T, ds0, reinterpret_cast<const float*>(norms2),
+           static_cast<float>(alpha), col0,
            reinterpret_cast<float*>(best), bi, nt);
   else if (dtype == F64)
-    update(reinterpret_cast<const double*>(dots), R, T, ds0, reinterpret_cast<const double*>(norms2), col0,
+    update(reinterpret_cast<const double*>(dots), R, T, ds0, reinterpret_cast<const double*>(norms2), alpha, col0,
            reinterpret_cast<double*>(best), bi, nt);
   else
     bad_code("score dtype (fp32 or fp64 only)", dtype);

@@ -1,8 +1,10 @@
-"""Triton kernel for nearest_class_center: a fused GEMM + running arg-min.
+"""Triton kernel for nearest_class_center and the NC4 classifier decision: a fused GEMM +
+running arg-min of ``offsets[c] + alpha · h·v_c``.
 
-A program owns BLOCK_N rows; it walks the classes in BLOCK_C tiles, builds ``h · μᵀ`` for the
-tile with ``tl.dot`` over BLOCK_D column steps, turns it into ``‖μ‖² − 2 h·μ`` and keeps, per row,
-the best score and its class in registers (ties: lowest class). Nothing ``[N, C]`` is written.
+A program owns BLOCK_N rows; it walks the classes in BLOCK_C tiles, builds ``h · vᵀ`` for the tile
+with ``tl.dot`` over BLOCK_D column steps, turns it into the score and keeps, per row, the best
+score and its class in registers (ties: lowest class). Nothing ``[N, C]`` is written.
+Nearest center: v = μ, offsets = ‖μ‖², alpha = −2. Classifier: v = w, offsets = −b, alpha = −1.
 """
 import torch
 import triton
@@ -14,7 +16,7 @@ from torch.library import wrap_triton
 @triton.jit
 def nearest_center_kernel(
     feat_ptr, means_ptr, norms2_ptr, out_ptr,
-    N, C, D, fs0, fs1, ms0,
+    N, C, D, fs0, fs1, ms0, alpha,
     DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -34,7 +36,7 @@ def nearest_center_kernel(
                          mask=cmask[:, None] & dmask[None, :], other=0.0)
             acc += tl.dot(h.to(DOT), tl.trans(mu.to(DOT)), input_precision="ieee", out_dtype=tl.float32)
         n2 = tl.load(norms2_ptr + cls, mask=cmask, other=float("inf"))
-        score = n2[None, :] - 2.0 * acc
+        score = n2[None, :] + alpha * acc
         score = tl.where(cmask[None, :], score, float("inf"))
         tile_best, tile_idx = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best < best  # strict: an earlier tile keeps equal scores
@@ -46,8 +48,9 @@ def nearest_center_kernel(
 TILES = {"nearest_center": (64, 64, 32, 4)}  # rows, classes, columns per step, warps
 
 
-def nearest_center(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """features [N, D] (fp16/bf16/fp32, any strides), means [C, D] fp32 contiguous -> [N] int64."""
+def tile_argmin(features: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """argmin_c offsets[c] + alpha * features · rows[c]: features [N, D] (fp16/bf16/fp32, any
+    strides), rows [C, D] fp32 contiguous, offsets [C] fp32 -> [N] int64."""
     import os
 
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
@@ -55,12 +58,12 @@ def nearest_center(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(n, dtype=torch.long, device=features.device)
     if n == 0:
         return out
-    norms2 = means.pow(2).sum(1).float().contiguous()
     bn, bc, bd, nw = TILES["nearest_center"]
     if interpret:
         bn, bc, bd = 16, 16, 16
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(features.dtype, tl.float32)
     wrap_triton(nearest_center_kernel)[(triton.cdiv(n, bn),)](
-        features, means, norms2, out, n, means.shape[0], d, features.stride(0), features.stride(1), means.stride(0),
+        features, rows, offsets.float().contiguous(), out, n, rows.shape[0], d, features.stride(0), features.stride(1),
+        rows.stride(0), alpha,
         DOT=dot, BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=nw)
     return out

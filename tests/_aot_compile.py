@@ -23,9 +23,10 @@ DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl
 
 def compile_for(fn, pointers, ints, consts, target):
     sig = {**pointers, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
-    if "inv_k1" in fn.arg_names:
-        sig["inv_k1"] = "fp64"
-        sig = {k: sig[k] for k in fn.arg_names}
+    for name in ("inv_k1", "alpha"):
+        if name in fn.arg_names:
+            sig[name] = "fp64" if name == "inv_k1" else "fp32"
+    sig = {k: sig[k] for k in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
     assert "cubin" in compiled.asm
 

@@ -39,9 +39,10 @@ def check(got, want, keys, rtol=1e-7):
 @pytest.mark.parametrize("soft", [False, True])
 def test_against_reference(n, d, c, soft, monkeypatch):
     # small tiles: several Gram tiles, row tiles and class tiles, ragged edges
+    from collapsekit.ops import nearest_center as ncc_mod
     monkeypatch.setattr(M, "PAIR_TILE", 7)
-    monkeypatch.setattr(M, "ROW_TILE", 53)
-    monkeypatch.setattr(M, "CLASS_TILE", 6)
+    monkeypatch.setattr(ncc_mod, "ROW_TILE", 53)
+    monkeypatch.setattr(ncc_mod, "CLASS_TILE", 6)
     h, y, weight, bias, w = make(n, d, c, 0, soft)
     got = ck.collapse_metrics(h, y, c, weight, bias, weights=w)
     want = ref.collapse_metrics(h, y, c, weight, bias, weights=w)
@@ -182,3 +183,31 @@ def test_single_present_class_has_no_geometry_keys():
     # the only center is class 0: nc4 is the fraction of rows the classifier sends elsewhere
     assert got["nc4"] == pytest.approx(float(((h @ w.t()).argmax(1) != 0).double().mean()))
     assert got["per_class"]["weight_norms"].shape == (4,)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_classifier_decisions(backend, with_bias, monkeypatch):
+    from conftest import HAS_CUDA, HAS_TRITON
+    from collapsekit.ops import nearest_center as ncc_mod
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("needs triton")
+    device = "cuda" if (backend == "triton" and HAS_CUDA) else "cpu"
+    monkeypatch.setattr(ncc_mod, "ROW_TILE", 29)
+    monkeypatch.setattr(ncc_mod, "CLASS_TILE", 4)
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(19, 6, generator=g)
+    w[11] = w[2]  # duplicate row: exact ties go to class 2
+    b = torch.randn(19, generator=g) if with_bias else None
+    if b is not None:
+        b[11] = b[2]
+    h = torch.randn(150, 6, generator=g)
+    got = ncc_mod.classifier_decisions(h.to(device), w.to(device), None if b is None else b.to(device),
+                                       backend=backend).cpu()
+    logits = h.double() @ w.double().t() + (0 if b is None else b.double())
+    want = logits.argmax(1)
+    rows = torch.arange(150)
+    assert (logits[rows, got] - logits[rows, want]).abs().max() < 1e-4
+    assert (got == want).float().mean() > 0.9
+    with pytest.raises(ValueError, match=r"bias must be \[C\]"):
+        ncc_mod.classifier_decisions(h, w, torch.zeros(3))

@@ -9,7 +9,7 @@ mean is the unweighted mean of the present classes' means, CDNV uses distance ex
 the pseudo-inverse of the between-class covariance.
 
 The pairwise sweep reduces each BLAS Gram tile with a fused C++ (CPU) or Triton (CUDA) kernel;
-the NC4 decisions and nearest class center are still tiled torch operations.
+NC4's decisions come from the fused tile arg-min kernels of ops/nearest_center.py.
 """
 import math
 from typing import Any, Dict, Optional
@@ -17,8 +17,6 @@ from typing import Any, Dict, Optional
 import torch
 
 PAIR_TILE = 2048     # classes per side of a Gram tile: 2048^2 fp64 = 32 MiB
-ROW_TILE = 4096      # feature rows per step of the NC4 decisions
-CLASS_TILE = 4096    # classes per step of the NC4 decisions
 
 
 _PAIR_KEYS = ("pairs", "cos", "cos2", "coherence", "log_kernel", "cdnv")
@@ -133,26 +131,12 @@ def nearest_center_ids(features: torch.Tensor, means: torch.Tensor, class_ids: t
 
 
 def classifier_argmax(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``argmax(W h + b)`` per row (ties: lowest class), tiled: no [N, C] logits in memory."""
-    dt = _compute_dtype(features)
-    w = weight.to(features.device, dt)
-    b = None if bias is None else bias.to(features.device, dt)
-    out = torch.empty(features.shape[0], dtype=torch.long, device=features.device)
-    for r0 in range(0, features.shape[0], ROW_TILE):
-        h = features[r0:r0 + ROW_TILE].to(dt)
-        best = arg = None
-        for c0 in range(0, w.shape[0], CLASS_TILE):
-            z = h @ w[c0:c0 + CLASS_TILE].t()
-            if b is not None:
-                z += b[None, c0:c0 + CLASS_TILE]
-            v, i = z.max(1)
-            if best is None:
-                best, arg = v, i + c0
-            else:
-                better = v > best
-                best, arg = torch.where(better, v, best), torch.where(better, i + c0, arg)
-        out[r0:r0 + ROW_TILE] = arg
-    return out
+    """``argmax(W h + b)`` per row (ties: lowest class) through the fused tile arg-min kernel:
+    no [N, C] logits in memory."""
+    from .ops.nearest_center import classifier_decisions
+
+    w = weight.to(features.device)
+    return classifier_decisions(features, w, None if bias is None else bias.to(features.device))
 
 
 def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums: torch.Tensor,

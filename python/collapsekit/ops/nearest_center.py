@@ -1,4 +1,5 @@
-"""nearest_class_center: ``argmin_c ‖h − μ_c‖²`` per row, over all or a subset of classes.
+"""nearest_class_center (``argmin_c ‖h − μ_c‖²`` per row, over all or a subset of classes) and
+classifier_decisions (``argmax_c W h + b``), one fused tile arg-min kernel for both.
 
 Same pattern as ops/class_sums.py (no autograd: the output is an index). Both kernels keep a
 running arg-min of ``‖μ‖² − 2 h·μ`` over class tiles and never hold an ``[N, C]`` matrix:
@@ -19,11 +20,19 @@ ROW_TILE = 4096
 CLASS_TILE = 2048
 
 
-@torch.library.custom_op("collapsekit::nearest_class_center_cpp", mutates_args=())
-def _ncc_cpp(features: Tensor, means: Tensor) -> Tensor:
-    dt = torch.float64 if features.dtype == torch.float64 else torch.float32
-    mu = means.to(dt).contiguous()
-    n2 = mu.pow(2).sum(1)
+# The registered ops compute argmin_c offsets[c] + alpha * (h · rows[c]) per row of features:
+# nearest class center (rows = μ, offsets = ‖μ‖², alpha = −2) and the classifier decision
+# (rows = W, offsets = −b, alpha = −1) are the same kernel.
+
+def _score_dtype(features: Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("collapsekit::tile_argmin_cpp", mutates_args=())
+def _tile_argmin_cpp(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float) -> Tensor:
+    dt = _score_dtype(features)
+    v = rows.to(dt).contiguous()
+    off = offsets.to(dt).contiguous()
     n = features.shape[0]
     out = torch.zeros(n, dtype=torch.long)
     C = _dispatch.cpp()
@@ -32,47 +41,61 @@ def _ncc_cpp(features: Tensor, means: Tensor) -> Tensor:
         r = h.shape[0]
         best = torch.full((r,), float("inf"), dtype=dt)
         idx = out[r0:r0 + r]
-        for c0 in range(0, mu.shape[0], CLASS_TILE):
-            dots = h @ mu[c0:c0 + CLASS_TILE].t()
+        for c0 in range(0, v.shape[0], CLASS_TILE):
+            dots = h @ v[c0:c0 + CLASS_TILE].t()
             C.argmin_tile_update(dots.data_ptr(), _dispatch.FLOAT_CODES[dt], r, dots.shape[1], dots.stride(0),
-                                 n2[c0:].data_ptr(), c0, best.data_ptr(), idx.data_ptr(), _dispatch.num_threads())
+                                 off[c0:].data_ptr(), alpha, c0, best.data_ptr(), idx.data_ptr(),
+                                 _dispatch.num_threads())
     return out
 
 
-def _ncc_torch_tiles(features: Tensor, means: Tensor) -> Tensor:
-    dt = torch.float64 if features.dtype == torch.float64 else torch.float32
-    mu = means.to(dt)
-    n2 = mu.pow(2).sum(1)
+def _tile_argmin_torch(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float) -> Tensor:
+    dt = _score_dtype(features)
+    v, off = rows.to(dt), offsets.to(dt)
     out = torch.empty(features.shape[0], dtype=torch.long, device=features.device)
     for r0 in range(0, features.shape[0], ROW_TILE):
         h = features[r0:r0 + ROW_TILE].to(dt)
         best = arg = None
-        for c0 in range(0, mu.shape[0], CLASS_TILE):
-            v, i = torch.addmm(n2[None, c0:c0 + CLASS_TILE], h, mu[c0:c0 + CLASS_TILE].t(), alpha=-2).min(1)
+        for c0 in range(0, v.shape[0], CLASS_TILE):
+            s_, i = torch.addmm(off[None, c0:c0 + CLASS_TILE], h, v[c0:c0 + CLASS_TILE].t(), alpha=alpha).min(1)
             if best is None:
-                best, arg = v, i + c0
+                best, arg = s_, i + c0
             else:
-                better = v < best
-                best, arg = torch.where(better, v, best), torch.where(better, i + c0, arg)
+                better = s_ < best
+                best, arg = torch.where(better, s_, best), torch.where(better, i + c0, arg)
         out[r0:r0 + ROW_TILE] = arg
     return out
 
 
-def _ncc_triton_impl(features: Tensor, means: Tensor) -> Tensor:
-    if features.dtype == torch.float64:
-        return _ncc_torch_tiles(features, means)
+def _tile_argmin_triton_impl(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float) -> Tensor:
+    if features.dtype == torch.float64:  # no fp64 tensor-core product: BLAS tiles instead
+        return _tile_argmin_torch(features, rows, offsets, alpha)
     from ..kernels import nearest_center
 
-    return nearest_center.nearest_center(features, means.float().contiguous())
+    return nearest_center.tile_argmin(features, rows.float().contiguous(), offsets, alpha)
 
 
 if hasattr(torch.library, "triton_op"):
-    _ncc_triton = torch.library.triton_op("collapsekit::nearest_class_center_triton", _ncc_triton_impl, mutates_args=())
+    _tile_argmin_triton = torch.library.triton_op("collapsekit::tile_argmin_triton", _tile_argmin_triton_impl,
+                                                  mutates_args=())
 else:
-    _ncc_triton = torch.library.custom_op("collapsekit::nearest_class_center_triton", _ncc_triton_impl, mutates_args=())
+    _tile_argmin_triton = torch.library.custom_op("collapsekit::tile_argmin_triton", _tile_argmin_triton_impl,
+                                                  mutates_args=())
 
-for _op in (_ncc_cpp, _ncc_triton):
-    _op.register_fake(lambda features, means: features.new_empty(features.shape[0], dtype=torch.long))
+for _op in (_tile_argmin_cpp, _tile_argmin_triton):
+    _op.register_fake(lambda features, rows, offsets, alpha: features.new_empty(features.shape[0], dtype=torch.long))
+
+
+def _tile_argmin(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float, backend: str, op: str) -> Tensor:
+    backend = _dispatch.resolve_backend(backend, features.device, op)
+    features, rows, offsets = features.detach(), rows.detach(), offsets.detach()
+    if backend == "reference":  # exact fp64 scores, one class at a time; argmin keeps the first
+        h = features.double()
+        scores = torch.stack([o + alpha * (h @ r) for r, o in zip(rows.double(), offsets.double())], 1)
+        return scores.argmin(1)
+    if backend == "cpp":
+        return _tile_argmin_cpp(features, rows, offsets, alpha)
+    return _tile_argmin_triton(features, rows, offsets, alpha)
 
 
 def nearest_class_center(features: Tensor, means: Tensor, classes: Optional[Tensor] = None, *,
@@ -108,13 +131,30 @@ def nearest_class_center(features: Tensor, means: Tensor, classes: Optional[Tens
         if ids.numel() == 0:
             raise ValueError(f"{op}: no class to choose from (means is empty or classes selects none)")
         means = means[ids]
-    backend = _dispatch.resolve_backend(backend, features.device, op)
-    features, means = features.detach(), means.detach()
     if backend == "reference":  # exact fp64 distances, one class at a time; argmin keeps the first
-        h = features.double()
-        local = torch.stack([(h - m).pow(2).sum(1) for m in means.double()], 1).argmin(1)
-    elif backend == "cpp":
-        local = _ncc_cpp(features, means)
+        _dispatch.resolve_backend(backend, features.device, op)
+        h = features.detach().double()
+        local = torch.stack([(h - m).pow(2).sum(1) for m in means.detach().double()], 1).argmin(1)
     else:
-        local = _ncc_triton(features, means)
+        norms2 = means.detach().to(_score_dtype(features)).pow(2).sum(1)
+        local = _tile_argmin(features, means, norms2, -2.0, backend, op)
     return local if ids is None else ids[local]
+
+
+def classifier_decisions(features: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                         backend: str = "auto") -> Tensor:
+    """``argmax_c (W h + b)_c`` per row (ties: lowest class) without the ``[N, C]`` logits: the
+    same fused tile arg-min as :func:`nearest_class_center`, with scores ``−b − W h``.
+
+    ``features [N, D]``, ``weight [C, D]``, ``bias [C]`` or None; returns ``[N]`` int64."""
+    op = "classifier_decisions"
+    _validate.floating(features, "features", op, ndim=2)
+    _validate.floating(weight, "weight", op, ndim=2)
+    if weight.shape[1] != features.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must be [C, D] with D={features.shape[1]}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be [C]=({weight.shape[0]},), got {tuple(bias.shape)}")
+    _validate.same_device(op, features=features, weight=weight, bias=bias)
+    dt = _score_dtype(features)
+    offsets = torch.zeros(weight.shape[0], dtype=dt, device=weight.device) if bias is None else -bias.detach().to(dt)
+    return _tile_argmin(features, weight, offsets, -1.0, backend, op)
