@@ -21,7 +21,7 @@ timeout "${CK_TEST_TIMEOUT:-240}" python3 -m pytest tests -q -x -p no:cacheprovi
 echo "tests exit $?" | tee -a "$OUT/tests.log"
 tail -5 "$OUT/tests.log"
 
-timeout "${CK_BENCH_TIMEOUT:-300}" python3 -m collapsekit bench --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+timeout "${CK_BENCH_TIMEOUT:-300}" python3 -m collapsekit bench --device cuda --reps "${CK_BENCH_REPS:-10}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 
 # tile sweep of the Triton class-sum kernels (defaults in kernels/scatter.py come from it)
 timeout "${CK_TUNE_TIMEOUT:-60}" python3 bench/tune_scatter.py --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1

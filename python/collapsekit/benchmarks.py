@@ -416,12 +416,23 @@ def run(device: str = "cpu", quick: bool = False, json_path: Optional[str] = Non
     info = machine_info(dev)
     echo(f"collapsekit bench on {info.get('gpu', info['cpu'])} ({dev.type}, {info['threads']} threads, "
          f"torch {info['torch']}, {info['date']}); medians of {reps} side-by-side repetitions")
+    failed = []
     for w in select(dev.type, quick, op):
         echo(f"  {w.op} {w.label} {str(w.dtype).replace('torch.', '')} ...")
-        rows.append(run_workload(w, dev, reps, compile_baselines))
+        try:
+            rows.append(run_workload(w, dev, reps, compile_baselines))
+        except Exception as e:  # one workload that cannot run (e.g. out of memory) must not lose the rest
+            failed.append(dict(op=w.op, shape=w.shape, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            echo(f"    failed: {failed[-1]['error']}")
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        if json_path:  # rewritten after every workload, so a run cut short keeps what it measured
+            with open(json_path, "w") as f:
+                json.dump(dict(machine=info, rows=rows, failed=failed), f, indent=1)
     echo(format_table(rows))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(dict(machine=info, rows=rows), f, indent=1)
         echo(f"wrote {json_path}")
+    if failed and not rows:
+        raise SystemExit("collapsekit bench: every workload failed")
     return rows
