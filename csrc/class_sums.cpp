@@ -20,6 +20,7 @@
 //  * direct: each thread owns a range of classes (balanced by entry count), scans the rows in
 //    memory order and adds its own into the output: no private copies, for large C*D.
 #include <algorithm>
+#include <type_traits>
 #include <memory>
 #include <vector>
 
@@ -198,22 +199,16 @@ void class_sums(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int
                 int64_t C, uintptr_t sums, uintptr_t counts, int path, int num_threads) {
   if (N < 0 || D < 0 || K < 1 || C < 1) throw std::invalid_argument("collapsekit._C.class_sums: bad sizes");
   const int nt = clamp_threads(num_threads);
-  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
-    using T = decltype(t_tag);
-    using Acc = decltype(acc_tag);
-    dispatch_index(label_dtype, [&](auto l_tag) {
-      using L = decltype(l_tag);
-      FeatureView<T, Acc> fv{reinterpret_cast<const T*>(features), fs0, fs1, D};
-      EntryView<L, Acc> ev{reinterpret_cast<const L*>(labels), ls0, ls1, K,
-                           reinterpret_cast<const Acc*>(weights), ws0, ws1};
-      Acc* out = reinterpret_cast<Acc*>(sums);
-      Acc* cnt = reinterpret_cast<Acc*>(counts);
-      advise_huge_pages(out, static_cast<size_t>(C) * D * sizeof(Acc));
-      if (path == kPathAuto) path = ::collapsekit::choose_class_sums_path(N * K, D, C, nt, sizeof(Acc));
-      if (path == kPathDirect) sums_direct<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
-      else if (path == kPathRows) sums_rows<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
-      else sums_sorted<T, L, Acc>(fv, ev, N, C, out, cnt, nt);
-    });
+  with_views(features, feature_dtype, D, fs0, fs1, labels, label_dtype, K, ls0, ls1, weights, ws0, ws1,
+             [&](const auto& fv, const auto& ev) {
+    using Acc = typename std::decay_t<decltype(fv)>::acc_type;
+    Acc* out = reinterpret_cast<Acc*>(sums);
+    Acc* cnt = reinterpret_cast<Acc*>(counts);
+    advise_huge_pages(out, static_cast<size_t>(C) * D * sizeof(Acc));
+    if (path == kPathAuto) path = ::collapsekit::choose_class_sums_path(N * K, D, C, nt, sizeof(Acc));
+    if (path == kPathDirect) sums_direct(fv, ev, N, C, out, cnt, nt);
+    else if (path == kPathRows) sums_rows(fv, ev, N, C, out, cnt, nt);
+    else sums_sorted(fv, ev, N, C, out, cnt, nt);
   });
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 
@@ -12,6 +13,8 @@ namespace COLLAPSEKIT_ISA {
 
 template <typename T, typename Acc>
 struct FeatureView {
+  using value_type = T;
+  using acc_type = Acc;
   const T* data; int64_t s0, s1, D;
   inline void prefetch_row(int64_t row, int64_t d0, int64_t n) const {
 #if defined(__GNUC__)
@@ -39,6 +42,26 @@ struct EntryView {
   inline int64_t label(int64_t i, int64_t k) const { return static_cast<int64_t>(labels[i * ls0 + k * ls1]); }
   inline Acc weight(int64_t i, int64_t k) const { return weights ? weights[i * ws0 + k * ws1] : Acc(1); }
 };
+
+// Dispatch on the feature and label dtype codes and call f(fv, ev) with the typed views: the
+// entry-point boilerplate every kernel file shares. Inside f, the types are
+// typename std::decay_t<decltype(fv)>::value_type / ::acc_type.
+template <typename F>
+void with_views(uintptr_t features, int feature_dtype, int64_t D, int64_t fs0, int64_t fs1,
+                uintptr_t labels, int label_dtype, int64_t K, int64_t ls0, int64_t ls1,
+                uintptr_t weights, int64_t ws0, int64_t ws1, F&& f) {
+  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
+    using T = decltype(t_tag);
+    using Acc = decltype(acc_tag);
+    dispatch_index(label_dtype, [&](auto l_tag) {
+      using L = decltype(l_tag);
+      const FeatureView<T, Acc> fv{reinterpret_cast<const T*>(features), fs0, fs1, D};
+      const EntryView<L, Acc> ev{reinterpret_cast<const L*>(labels), ls0, ls1, K,
+                                 reinterpret_cast<const Acc*>(weights), ws0, ws1};
+      f(fv, ev);
+    });
+  });
+}
 
 // sum_d (features[row, d] - mean[d])^2 in Acc, vectorisable without -ffast-math: 16 independent
 // partial sums (two AVX2 registers of fp32) instead of one serial chain.

@@ -9,6 +9,7 @@
 // summed at the end. Entries with labels outside [0, C) are skipped. means and out are in the
 // accumulation dtype (fp32, or fp64 for fp64 features), contiguous.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -53,16 +54,10 @@ void within_class_variance(uintptr_t features, int feature_dtype, int64_t N, int
   if (N < 0 || D < 0 || K < 1 || C < 1)
     throw std::invalid_argument("collapsekit._C.within_class_variance: bad sizes");
   const int nt = clamp_threads(num_threads);
-  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
-    using T = decltype(t_tag);
-    using Acc = decltype(acc_tag);
-    dispatch_index(label_dtype, [&](auto l_tag) {
-      using L = decltype(l_tag);
-      FeatureView<T, Acc> fv{reinterpret_cast<const T*>(features), fs0, fs1, D};
-      EntryView<L, Acc> ev{reinterpret_cast<const L*>(labels), ls0, ls1, K,
-                           reinterpret_cast<const Acc*>(weights), ws0, ws1};
-      variance_rows<T, L, Acc>(fv, ev, N, C, reinterpret_cast<const Acc*>(means), reinterpret_cast<Acc*>(out), nt);
-    });
+  with_views(features, feature_dtype, D, fs0, fs1, labels, label_dtype, K, ls0, ls1, weights, ws0, ws1,
+             [&](const auto& fv, const auto& ev) {
+    using Acc = typename std::decay_t<decltype(fv)>::acc_type;
+    variance_rows(fv, ev, N, C, reinterpret_cast<const Acc*>(means), reinterpret_cast<Acc*>(out), nt);
   });
 }
 
@@ -73,31 +68,27 @@ void center_rows(uintptr_t features, int feature_dtype, int64_t R, int64_t D, in
   // rows whose label is outside [0, C) get a zero row and weight 0. One tile of the centred Gram.
   if (R < 0 || D < 0 || C < 1) throw std::invalid_argument("collapsekit._C.center_rows: bad sizes");
   const int nt = clamp_threads(num_threads);
-  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
-    using T = decltype(t_tag);
-    using Acc = decltype(acc_tag);
-    dispatch_index(label_dtype, [&](auto l_tag) {
-      using L = decltype(l_tag);
-      FeatureView<T, Acc> fv{reinterpret_cast<const T*>(features), fs0, fs1, D};
-      EntryView<L, Acc> ev{reinterpret_cast<const L*>(labels), ls0, 0, 1, reinterpret_cast<const Acc*>(weights), ws0, 0};
-      const Acc* mu = reinterpret_cast<const Acc*>(means);
-      Acc* o = reinterpret_cast<Acc*>(out);
-      Acc* ow = reinterpret_cast<Acc*>(out_weights);
+  with_views(features, feature_dtype, D, fs0, fs1, labels, label_dtype, 1, ls0, 0, weights, ws0, 0,
+             [&](const auto& fv, const auto& ev) {
+    using T = typename std::decay_t<decltype(fv)>::value_type;
+    using Acc = typename std::decay_t<decltype(fv)>::acc_type;
+    const Acc* mu = reinterpret_cast<const Acc*>(means);
+    Acc* o = reinterpret_cast<Acc*>(out);
+    Acc* ow = reinterpret_cast<Acc*>(out_weights);
 #pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t c = ev.label(r, 0);
-        Acc* dst = o + r * D;
-        if (c < 0 || c >= C) {
-          std::fill(dst, dst + D, Acc(0));
-          ow[r] = Acc(0);
-          continue;
-        }
-        const Acc* m = mu + c * D;
-        const T* p = fv.data + r * fs0;
-        for (int64_t d = 0; d < D; ++d) dst[d] = to_acc<Acc>(p[d * fs1]) - m[d];
-        ow[r] = ev.weight(r, 0);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t c = ev.label(r, 0);
+      Acc* dst = o + r * D;
+      if (c < 0 || c >= C) {
+        std::fill(dst, dst + D, Acc(0));
+        ow[r] = Acc(0);
+        continue;
       }
-    });
+      const Acc* m = mu + c * D;
+      const T* p = fv.data + r * fs0;
+      for (int64_t d = 0; d < D; ++d) dst[d] = to_acc<Acc>(p[d * fs1]) - m[d];
+      ow[r] = ev.weight(r, 0);
+    }
   });
 }
 

@@ -201,13 +201,19 @@ for _op in (_covariance_cpp, _covariance_triton):
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def _means_arg(features: Tensor, means, op: str) -> Tensor:
+def _prepare(features: Tensor, labels, means, weights, check: bool, backend: str, op: str):
+    """Validate the shared arguments; returns (labels [N, K], weights [N, K] or None, backend,
+    accumulation dtype). C is the number of rows of means."""
+    _validate.floating(features, "features", op, ndim=2)
     _validate.floating(means, "means", op, ndim=2)
     if means.shape[1] != features.shape[1]:
         raise ValueError(f"{op}: means has D={means.shape[1]} columns but features has D={features.shape[1]}")
     if means.shape[0] < 1:
         raise ValueError(f"{op}: means must have at least one class row, got shape {tuple(means.shape)}")
-    return means
+    labels2, weights2 = _validate.class_labels(features, labels, weights, means.shape[0], op, check)
+    _validate.same_device(op, features=features, means=means)
+    return labels2, weights2, _dispatch.resolve_backend(backend, features.device, op), \
+        _dispatch.accumulation_dtype(features.dtype)
 
 
 def within_class_variance(features: Tensor, labels: Tensor, means: Tensor, weights: Optional[Tensor] = None, *,
@@ -229,13 +235,7 @@ def within_class_variance(features: Tensor, labels: Tensor, means: Tensor, weigh
         ``weights``.
     """
     op = "within_class_variance"
-    _validate.floating(features, "features", op, ndim=2)
-    _means_arg(features, means, op)
-    c = means.shape[0]
-    labels2, weights2 = _validate.class_labels(features, labels, weights, c, op, check)
-    _validate.same_device(op, features=features, means=means)
-    backend = _dispatch.resolve_backend(backend, features.device, op)
-    acc = _dispatch.accumulation_dtype(features.dtype)
+    labels2, weights2, backend, acc = _prepare(features, labels, means, weights, check, backend, op)
     if backend == "reference":
         return reference.within_class_variance(features, labels, means, weights).to(acc)
     means_acc = means.to(acc).contiguous()  # [C, D], read by every row: one compact copy
@@ -259,13 +259,7 @@ def within_class_covariance(features: Tensor, labels: Tensor, means: Tensor, wei
         fused kernel has been measured on a GPU.
     """
     op = "within_class_covariance"
-    _validate.floating(features, "features", op, ndim=2)
-    _means_arg(features, means, op)
-    c = means.shape[0]
-    labels2, weights2 = _validate.class_labels(features, labels, weights, c, op, check)
-    _validate.same_device(op, features=features, means=means)
-    backend = _dispatch.resolve_backend(backend, features.device, op)
-    acc = _dispatch.accumulation_dtype(features.dtype)
+    labels2, weights2, backend, acc = _prepare(features, labels, means, weights, check, backend, op)
     if backend == "reference":
         return reference.within_class_covariance(features, labels, means, weights).to(acc)
     paths = ("auto", "tiles") + (("fused",) if backend == "triton" else ())
