@@ -3,7 +3,6 @@
     pytest bench/ --benchmark-group-by=group            # quick shapes, CPU
     pytest bench/ --ck-full --ck-device cuda             # the full shapes on a GPU
 """
-import pytest
 
 
 def pytest_addoption(parser):

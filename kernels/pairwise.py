@@ -4,7 +4,6 @@ Each program takes BLOCK_A rows of the tile, walks its columns in BLOCK_B blocks
 pair term (cos, cos², coherence, log kernel, CDNV) in fp64 and adds its six partial sums into
 ``out`` with fp64 atomics. The Gram tile itself comes from cuBLAS (torch.mm).
 """
-import torch
 import triton
 import triton.language as tl
 

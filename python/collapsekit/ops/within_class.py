@@ -1,6 +1,6 @@
 """within_class_variance and within_class_covariance: within-class scatter against given class
 means. Same pattern as ops/class_sums.py."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
