@@ -38,6 +38,7 @@ class Workload:
     quick: bool = False                                   # part of `bench --quick`
     full: bool = True                                     # part of the full run
     compile: bool = True                                  # also time baselines under torch.compile
+    flops: Optional[Callable[[Dict[str, Any]], int]] = None  # GEMM-bound ops: FLOPs of the work
 
     @property
     def label(self) -> str:
@@ -184,16 +185,18 @@ def _collapsekit_pairwise(centred, variances):
     return pairwise_geometry(centred, variances)  # auto: C++ tile reduction on CPU, Triton on CUDA
 
 
-def _pairwise_workload(c, d, quick=False, full=True):
+def _pairwise_workload(c, d, quick=False, full=True, devices=("cpu", "cuda"), baseline=True):
     def make(device):
         g = torch.Generator(device=device).manual_seed(0)
         m = torch.randn(c, d, generator=g, device=device)
         return dict(centred=m - m.mean(0), variances=torch.rand(c, generator=g, device=device).double())
 
+    # The upper-triangle Gram: C^2 D multiply-adds (half of the C x C grid, 2 FLOPs each).
     return Workload(op="pairwise_geometry", shape=dict(C=c, D=d), dtype=torch.float32, make=make,
-                    baselines={"eager": eager_pairwise_geometry}, collapsekit=_collapsekit_pairwise,
+                    baselines={"eager": eager_pairwise_geometry} if baseline else {},
+                    collapsekit=_collapsekit_pairwise,
                     bytes_moved=lambda inp: c * d * 4, floor_bytes=lambda inp: c * d * 4,
-                    devices=("cpu", "cuda"), quick=quick, full=full)
+                    devices=devices, quick=quick, full=full, flops=lambda inp: c * c * d)
 
 
 def eager_nearest_class_center(features, means):
@@ -210,11 +213,14 @@ def _ncc_workload(n, d, c, quick=False, full=True):
     return Workload(op="nearest_class_center", shape=dict(N=n, D=d, C=c), dtype=torch.float32, make=make,
                     baselines={"eager": eager_nearest_class_center}, collapsekit=ck.nearest_class_center,
                     bytes_moved=lambda inp: (n + c) * d * 4 + n * 8, floor_bytes=lambda inp: n * d * 4,
-                    devices=("cpu", "cuda"), quick=quick, full=full)
+                    devices=("cpu", "cuda"), quick=quick, full=full, flops=lambda inp: 2 * n * c * d)
 
 
 register(_pairwise_workload(8192, 512))
 register(_pairwise_workload(1024, 128, quick=True, full=False))
+# Issue 4's GPU goal: a Llama-3-size vocabulary. No baseline: the eager C x C grids would need
+# ~350 GB; the row reports time and TFLOP/s against the matmul rate measured in the same run.
+register(_pairwise_workload(131_072, 4096, devices=("cuda",), baseline=False))
 register(_ncc_workload(50_000, 512, 8192))
 register(_ncc_workload(5_000, 128, 1024, quick=True, full=False))
 
@@ -296,6 +302,16 @@ def copy_bandwidth(nbytes: int, device, reps: int) -> float:
     return 2 * nbytes / t / 1e9
 
 
+def matmul_rate(dtype, device, reps: int, n: int = 2048) -> float:
+    """FLOP/s of a plain n x n x n matmul in `dtype` (the GEMM ceiling of this machine, now)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    t = statistics.median(time_call(lambda: a @ b, device) for _ in range(reps))
+    del a, b
+    return 2 * n ** 3 / t
+
+
 def run_workload(w: Workload, device: torch.device, reps: int, compile_baselines: bool,
                  variants: bool = True) -> Dict[str, Any]:
     inp = w.make(device)
@@ -330,16 +346,20 @@ def run_workload(w: Workload, device: torch.device, reps: int, compile_baselines
     floor = bandwidth_floor(w.floor_bytes(inp), device, max(3, reps))
     nbytes = w.bytes_moved(inp)
     baseline_names = [k for k in med if k != "collapsekit" and not k.startswith("collapsekit:")]
-    best = min(baseline_names, key=lambda k: med[k])
+    best = min(baseline_names, key=lambda k: med[k]) if baseline_names else None
     row = dict(
         op=w.op, shape=w.shape, dtype=str(w.dtype).replace("torch.", ""), device=device.type,
         median_s=med, compile_s=compile_s, best_baseline=best,
-        speedup=med[best] / med["collapsekit"], speedup_vs_eager=med.get("eager", math.nan) / med["collapsekit"],
+        speedup=med[best] / med["collapsekit"] if best else math.nan,
+        speedup_vs_eager=med.get("eager", math.nan) / med["collapsekit"],
         bytes_moved=nbytes, achieved_GBps=nbytes / med["collapsekit"] / 1e9, floor_GBps=floor,
         peak_extra_bytes=peak, reps=reps,
     )
     if device.type == "cuda":
         row["copy_GBps"] = copy_bandwidth(w.floor_bytes(inp), device, max(3, reps))
+    if w.flops is not None:  # GEMM-bound: the ceiling is the matmul rate, not the bandwidth
+        row["TFLOPs"] = w.flops(inp) / med["collapsekit"] / 1e12
+        row["matmul_TFLOPs"] = matmul_rate(w.dtype, device, max(3, reps)) / 1e12
     del inp
     gc.collect()
     if device.type == "cuda":
@@ -375,6 +395,8 @@ def _fmt_mb(b):
 
 
 def _fmt_speedup(r):
+    if r["best_baseline"] is None:
+        return "no baseline"
     if r["best_baseline"] == "eager":
         return f"{r['speedup']:.2f}x vs eager"
     return f"{r['speedup_vs_eager']:.1f}x vs eager, {r['speedup']:.2f}x vs {r['best_baseline']}"
@@ -382,7 +404,7 @@ def _fmt_speedup(r):
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
     head = ["op", "shape", "dtype", "dev", "eager ms", "compiled ms (compile s)", "collapsekit ms",
-            "speedup", "GB/s", "floor GB/s", "peak MB eager/ck", "kernel paths ms"]
+            "speedup", "GB/s", "floor GB/s", "TFLOP/s (matmul)", "peak MB eager/ck", "kernel paths ms"]
     lines = []
     for r in rows:
         m = r["median_s"]
@@ -393,6 +415,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
                       _fmt_ms(m.get("eager")), comp_s, _fmt_ms(m["collapsekit"]),
                       _fmt_speedup(r), f"{r['achieved_GBps']:.1f}",
                       f"{r['floor_GBps']:.1f}",
+                      f"{r['TFLOPs']:.2f} ({r['matmul_TFLOPs']:.2f})" if "TFLOPs" in r else "-",
                       f"{_fmt_mb(r['peak_extra_bytes'].get('eager'))}/{_fmt_mb(r['peak_extra_bytes'].get('collapsekit'))}",
                       paths])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]

@@ -16,8 +16,11 @@ from torch import Tensor
 
 from .. import _dispatch, _validate
 
-ROW_TILE = 4096
-CLASS_TILE = 2048
+# 1024 x 1024 fp32 score tiles (4 MiB) stay in the last-level cache between the BLAS product and
+# the arg-min pass. Measured at N=50k, C=8192, D=512 on the 2-core CI-class VM: 4096 x 2048 tiles
+# 2.75 s, 1024 x 1024 2.34 s (~180 GFLOP/s, 92% of a square 2048^3 sgemm in the same process).
+ROW_TILE = 1024
+CLASS_TILE = 1024
 
 
 # The registered ops compute argmin_c offsets[c] + alpha * (h · rows[c]) per row of features:
