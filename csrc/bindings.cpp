@@ -13,6 +13,7 @@
 #include "within_class.h"
 #include "pairwise.h"
 #include "nearest_center.h"
+#include "etf_logits.h"
 
 namespace py = pybind11;
 using namespace collapsekit;
@@ -100,4 +101,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dots"), py::arg("dtype"), py::arg("R"), py::arg("T"), py::arg("ds0"), py::arg("offsets"),
         py::arg("alpha"), py::arg("col0"), py::arg("best"), py::arg("best_idx"), py::arg("num_threads"),
         "running arg-min of offsets[j] + alpha * dots[r, j] over one [R, T] tile (best/best_idx updated in place)");
+
+  using e1 = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, double, double, uintptr_t, uintptr_t, int);
+  m.def("normalize_rows", static_cast<e1>(CK_DISPATCH(normalize_rows)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("features"), py::arg("feature_dtype"), py::arg("R"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
+        py::arg("eps"), py::arg("scale"), py::arg("out"), py::arg("inv_norms"), py::arg("num_threads"),
+        "out[R, D] (acc dtype) = scale * h / max(||h||, eps); inv_norms[R] = 1 / max(||h||, eps) (0 = not wanted)");
+  using e2 = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, double, uintptr_t, int);
+  m.def("normalize_rows_backward", static_cast<e2>(CK_DISPATCH(normalize_rows_backward)),
+        py::call_guard<py::gil_scoped_release>(),
+        py::arg("features"), py::arg("feature_dtype"), py::arg("R"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
+        py::arg("eps"), py::arg("grad"), py::arg("num_threads"),
+        "grad[R, D] (acc dtype, in place) <- the vector-Jacobian product of h / max(||h||, eps)");
 }

@@ -122,3 +122,10 @@ def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         ncc = ids[torch.cdist(h, mu).argmin(1)]
         out["nc4"] = float((ncc != logits.argmax(1)).double().mean())
     return out
+
+
+def etf_logits(features: torch.Tensor, etf: torch.Tensor, scale: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
+    """fp64 ``scale · (h / max(‖h‖, eps)) @ Eᵀ`` (``F.normalize`` semantics); differentiable."""
+    h = features.double()
+    n = h.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return scale * (h / n) @ etf.double().t()
