@@ -4,11 +4,15 @@ Ops (see DESIGN.md / docs/): class_sums, class_means, ...; every op takes
 ``backend="auto" | "reference" | "cpp" | "triton"``.
 """
 from . import reference
+from . import nn
 from .accumulator import CollapseAccumulator, collapse_metrics
+from .etf import etf_error, nearest_etf, simplex_etf
 from .ops.class_sums import class_means, class_sums
+from .ops.etf_logits import etf_logits
 from .ops.nearest_center import nearest_class_center
 from .ops.within_class import within_class_covariance, within_class_variance
 
 __version__ = "0.1.0"
 
-__all__ = ["CollapseAccumulator", "collapse_metrics", "class_sums", "class_means", "within_class_variance", "within_class_covariance", "nearest_class_center", "reference", "__version__"]
+__all__ = ["CollapseAccumulator", "collapse_metrics", "class_sums", "class_means", "within_class_variance", "within_class_covariance", "nearest_class_center",
+           "simplex_etf", "nearest_etf", "etf_error", "etf_logits", "nn", "reference", "__version__"]

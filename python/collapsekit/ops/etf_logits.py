@@ -14,6 +14,7 @@ Backward (``ĥ = h / max(‖h‖, eps)``, ``G`` = grad of the logits):
 ``∂h = (g − ĥ (ĥ·g)) / ‖h‖`` with ``g = scale · G E`` (``g / eps`` where the clamp is active),
 ``∂E = scale · Gᵀ ĥ``.
 """
+import math
 from typing import Tuple
 
 import torch
@@ -182,7 +183,7 @@ def etf_logits(features: Tensor, etf: Tensor, scale: float = 1.0, *, eps: float 
     _validate.same_device(op, features=features, etf=etf)
     backend = _dispatch.resolve_backend(backend, features.device, op)
     lead = features.shape[:-1]
-    h = features.reshape(-1, features.shape[-1])
+    h = features.reshape(math.prod(lead), features.shape[-1])
     if backend == "reference":
         from .. import reference
 
