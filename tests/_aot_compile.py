@@ -15,7 +15,7 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import nearest_center, pairwise, scatter, within_class
+from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -99,11 +99,37 @@ def nearest_center_cases():
             {"DOT": dot, "BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_D": bd}
 
 
+def etf_logits_cases():
+    acc_of = lambda t: "fp64" if t == "fp64" else "fp32"
+    for feat in ["bf16", "fp16", "fp32", "fp64"]:
+        consts = {"DOT": DTYPES[feat], "ACC": DTYPES[acc_of(feat)]}
+        par = f"*{acc_of(feat)}"
+        bm, bc, bd, _ = etf_logits.TILES["fwd"]
+        yield f"etf_logits_fwd[{feat}]", etf_logits.etf_logits_fwd_kernel, \
+            {"h_ptr": f"*{feat}", "e_ptr": f"*{feat}", "out_ptr": f"*{feat}", "par_ptr": par}, \
+            ["N", "C", "D", "hs0", "hs1", "es0", "es1", "os0"], {**consts, "BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_D": bd}
+        bm, bd, _ = etf_logits.TILES["norms"]
+        yield f"row_inv_norms[{feat}]", etf_logits.row_inv_norms_kernel, \
+            {"h_ptr": f"*{feat}", "inv_ptr": par, "par_ptr": par}, ["N", "D", "hs0", "hs1"], \
+            {"ACC": consts["ACC"], "BLOCK_M": bm, "BLOCK_D": bd}
+        bm, bc, bd, _ = etf_logits.TILES["grad_h"]
+        yield f"etf_logits_grad_h[{feat}]", etf_logits.etf_logits_grad_h_kernel, \
+            {"g_ptr": f"*{feat}", "l_ptr": f"*{feat}", "e_ptr": f"*{feat}", "h_ptr": f"*{feat}", "inv_ptr": par,
+             "par_ptr": par, "out_ptr": f"*{feat}"}, \
+            ["N", "C", "D", "gs0", "gs1", "ls0", "ls1", "es0", "es1", "hs0", "hs1"], \
+            {**consts, "BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_D": bd}
+        bc, bd, bn, _ = etf_logits.TILES["grad_e"]
+        yield f"etf_logits_grad_e[{feat}]", etf_logits.etf_logits_grad_e_kernel, \
+            {"g_ptr": f"*{feat}", "h_ptr": f"*{feat}", "inv_ptr": par, "par_ptr": par, "out_ptr": par}, \
+            ["N", "C", "D", "gs0", "gs1", "hs0", "hs1"], {**consts, "BLOCK_C": bc, "BLOCK_D": bd, "BLOCK_N": bn}
+
+
 def main():
     failures = 0
     count = 0
     for target in TARGETS:
-        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases()):
+        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases(),
+                                                          etf_logits_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)

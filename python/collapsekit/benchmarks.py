@@ -226,6 +226,35 @@ register(_ncc_workload(5_000, 128, 1024, quick=True, full=False))
 
 
 # ------------------------------------------------------------------------------------------------
+# etf_logits (issue 5)
+# ------------------------------------------------------------------------------------------------
+
+def eager_etf_logits(features, etf, scale):
+    """What a user writes today: a normalised copy of h, the GEMM, then the scale (another [N, C])."""
+    return torch.nn.functional.normalize(features, dim=-1) @ etf.t() * scale
+
+
+def _etf_logits_workload(n, d, c, dtype, devices, quick=False, full=True):
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(0)
+        return dict(features=torch.randn(n, d, generator=g, device=device).to(dtype),
+                    etf=ck.simplex_etf(c, d, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype),
+                    scale=16.0)
+
+    return Workload(op="etf_logits", shape=dict(N=n, D=d, C=c), dtype=dtype, make=make,
+                    baselines={"eager": eager_etf_logits}, collapsekit=ck.etf_logits,
+                    bytes_moved=lambda inp: (n * d + c * d + n * c) * inp["features"].element_size(),
+                    floor_bytes=lambda inp: n * d * inp["features"].element_size(),
+                    devices=devices, quick=quick, full=full, flops=lambda inp: 2 * n * c * d)
+
+
+register(_etf_logits_workload(65536, 1024, 1000, torch.float32, ("cpu",)))
+register(_etf_logits_workload(65536, 1024, 1000, torch.bfloat16, ("cuda",)))
+register(_etf_logits_workload(65536, 1024, 1000, torch.float32, ("cuda",)))
+register(_etf_logits_workload(2048, 256, 100, torch.float32, ("cpu", "cuda"), quick=True, full=False))
+
+
+# ------------------------------------------------------------------------------------------------
 # measurement
 # ------------------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ classifier), forward and backward, without a normalised copy of ``h``.
 
 Same pattern as ops/class_sums.py:
 
-* cpp: row tiles of ``h`` are normalised by a C++ prologue into one cache-sized buffer and
+* cpp: row tiles of ``h`` are normalised by a C++ prologue into one tile-sized buffer and
   multiplied by BLAS straight into the output rows; the backward runs the GEMMs on the same tiles
   and a C++ epilogue applies the normalisation's Jacobian in place.
 * triton: the forward is one GEMM kernel that sums the row norms from the tiles it loads; the
@@ -22,7 +22,10 @@ from torch import Tensor
 
 from .. import _dispatch, _validate
 
-ROW_TILE = 256  # rows per CPU tile: a [256, D] fp32 buffer stays in L2 for D up to ~1k
+# Rows per CPU tile. Measured at N=65536, D=1024, C=1000 fp32 (2-core VM): 128 rows 0.93 s,
+# 256 0.87 s, 512-2048 0.79-0.80 s; the bare GEMM h @ Eᵀ 0.74 s. The [1024, D] buffer is the only
+# temporary (4 MiB at D=1024).
+ROW_TILE = 1024
 
 
 # ----------------------------------------------------------------------------------- cpp ------
