@@ -4,6 +4,7 @@
 // Each kernel exists once per instruction-set build (namespace base, and avx2 on x86-64);
 // CK_DISPATCH calls the best one this CPU supports, or the one forced with set_isa().
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdlib>
 #include <string>
@@ -14,6 +15,7 @@
 #include "pairwise.h"
 #include "nearest_center.h"
 #include "etf_logits.h"
+#include "ssd_scan.h"
 
 namespace py = pybind11;
 using namespace collapsekit;
@@ -113,4 +115,30 @@ PYBIND11_MODULE(_C, m) {
         py::arg("features"), py::arg("feature_dtype"), py::arg("R"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
         py::arg("eps"), py::arg("grad"), py::arg("num_threads"),
         "grad[R, D] (acc dtype, in place) <- the vector-Jacobian product of h / max(||h||, eps)");
+
+  py::class_<SsdArgs>(m, "SsdArgs", "arguments of the SSD scan kernels (see csrc/ssd_scan.h)")
+      .def(py::init<>())
+      .def_readwrite("dtype", &SsdArgs::dtype).def_readwrite("b", &SsdArgs::b).def_readwrite("l", &SsdArgs::l)
+      .def_readwrite("h", &SsdArgs::h).def_readwrite("p", &SsdArgs::p).def_readwrite("g", &SsdArgs::g)
+      .def_readwrite("n", &SsdArgs::n).def_readwrite("x", &SsdArgs::x).def_readwrite("xs", &SsdArgs::xs)
+      .def_readwrite("dt", &SsdArgs::dt).def_readwrite("dts", &SsdArgs::dts).def_readwrite("A", &SsdArgs::A)
+      .def_readwrite("B", &SsdArgs::B).def_readwrite("bs", &SsdArgs::bs).def_readwrite("C", &SsdArgs::C)
+      .def_readwrite("cs", &SsdArgs::cs).def_readwrite("D", &SsdArgs::D).def_readwrite("z", &SsdArgs::z)
+      .def_readwrite("zs", &SsdArgs::zs).def_readwrite("dt_bias", &SsdArgs::dt_bias)
+      .def_readwrite("dt_softplus", &SsdArgs::dt_softplus).def_readwrite("dt_clamp", &SsdArgs::dt_clamp)
+      .def_readwrite("dt_min", &SsdArgs::dt_min).def_readwrite("dt_max", &SsdArgs::dt_max)
+      .def_readwrite("decay_scale", &SsdArgs::decay_scale).def_readwrite("state_norm_max", &SsdArgs::state_norm_max)
+      .def_readwrite("chunk_size", &SsdArgs::chunk_size).def_readwrite("init", &SsdArgs::init)
+      .def_readwrite("ckpt", &SsdArgs::ckpt).def_readwrite("pre_norms", &SsdArgs::pre_norms)
+      .def_readwrite("num_threads", &SsdArgs::num_threads);
+  using s1 = void (*)(const SsdArgs&, uintptr_t, uintptr_t, uintptr_t);
+  m.def("ssd_scan_forward", static_cast<s1>(CK_DISPATCH(ssd_scan_forward)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"), py::arg("out"), py::arg("final_state"), py::arg("norms"),
+        "SSD scan forward: out (b, l, h, p) contiguous in the feature dtype; optional final state, norms, checkpoints");
+  using s2 = void (*)(const SsdArgs&, uintptr_t, const std::vector<int64_t>&, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                      uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
+  m.def("ssd_scan_backward", static_cast<s2>(CK_DISPATCH(ssd_scan_backward)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"), py::arg("dout"), py::arg("dout_strides"), py::arg("dfinal"), py::arg("dx"), py::arg("dz"),
+        py::arg("ddt"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"), py::arg("dinit"),
+        "SSD scan backward from the forward's chunk checkpoints (per-head dB/dC, per-(b, h) dA/dD)");
 }

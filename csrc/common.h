@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -44,6 +45,38 @@ static inline float to_float(float x) { return x; }
 static inline double to_float(double x) { return x; }
 
 template <typename Acc, typename T> static inline Acc to_acc(T x) { return static_cast<Acc>(to_float(x)); }
+
+// binary32 -> binary16 / bfloat16, round to nearest even (NaN stays NaN, overflow -> inf): for
+// kernels that write outputs in the input's half type directly.
+static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static inline half_t to_half(float f) {
+  uint32_t x = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return half_t{static_cast<uint16_t>(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u))};
+  if (x >= 0x477ff000u) return half_t{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520 rounds to inf
+  if (x < 0x38800000u) {  // below 2^-14: a subnormal half, in units of 2^-24 (rint: ties to even)
+    const float m = std::nearbyint(bits_to_float(x) * 16777216.0f);
+    return half_t{static_cast<uint16_t>(sign | static_cast<uint16_t>(m))};
+  }
+  x -= 112u << 23;  // rebias the exponent (127 -> 15)
+  x += 0xfffu + ((x >> 13) & 1u);
+  return half_t{static_cast<uint16_t>(sign | (x >> 13))};
+}
+static inline bfloat16_t to_bfloat16(float f) {
+  uint32_t x = float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return bfloat16_t{static_cast<uint16_t>((x >> 16) | 0x40u)};
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return bfloat16_t{static_cast<uint16_t>(x >> 16)};
+}
+template <typename T> struct FromAcc;
+template <> struct FromAcc<float> { template <typename A> static float of(A v) { return static_cast<float>(v); } };
+template <> struct FromAcc<double> { template <typename A> static double of(A v) { return static_cast<double>(v); } };
+template <> struct FromAcc<half_t> { template <typename A> static half_t of(A v) { return to_half(static_cast<float>(v)); } };
+template <> struct FromAcc<bfloat16_t> {
+  template <typename A> static bfloat16_t of(A v) { return to_bfloat16(static_cast<float>(v)); }
+};
+template <typename T, typename A> static inline T from_acc(A v) { return FromAcc<T>::of(v); }
 
 // Ask for transparent huge pages on a large buffer that has not been touched yet. Fresh 4 KiB
 // pages are faulted in one by one on first write, which costs more than the kernel's own work

@@ -129,3 +129,46 @@ def etf_logits(features: torch.Tensor, etf: torch.Tensor, scale: float = 1.0, ep
     h = features.double()
     n = h.norm(dim=-1, keepdim=True).clamp_min(eps)
     return scale * (h / n) @ etf.double().t()
+
+
+def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, initial_states=None,
+             dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, return_state_norms=False,
+             decay_scale=1.0, state_norm_max=None):
+    """fp64 step-by-step SSD (Mamba-2) recurrence, literally as DESIGN.md writes it; differentiable.
+    ``dt_limit`` clamps only when it differs from the default ``(0, inf)`` (mamba-ssm's rule)."""
+    import torch.nn.functional as F
+
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    X = x.double()
+    dtv = dt.double() + (dt_bias.double() if dt_bias is not None else 0.0)
+    if dt_softplus:
+        dtv = F.softplus(dtv)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dtv = dtv.clamp(dt_limit[0], dt_limit[1])
+    a = decay_scale * torch.exp(dtv * A.double())
+    Bh = B.double().repeat_interleave(h // g, dim=2)
+    Ch = C.double().repeat_interleave(h // g, dim=2)
+    H = initial_states.double() if initial_states is not None else X.new_zeros(b, h, p, n)
+    Dd = None if D is None else (D.double()[:, None] if D.dim() == 1 else D.double())
+    ys, norms = [], []
+    for t in range(l):
+        if t > 0 and t % chunk_size == 0 and state_norm_max is not None:
+            nrm = H.flatten(2).norm(dim=2)
+            f = torch.where(nrm > state_norm_max, state_norm_max / nrm.clamp_min(1e-300), torch.ones_like(nrm))
+            H = H * f[..., None, None]
+        H = a[:, t, :, None, None] * H + (dtv[:, t, :, None, None] * X[:, t, :, :, None]) * Bh[:, t, :, None, :]
+        y = (H * Ch[:, t, :, None, :]).sum(-1)
+        if Dd is not None:
+            y = y + Dd * X[:, t]
+        ys.append(y)
+        norms.append(H.detach().flatten(2).norm(dim=2))
+    y = torch.stack(ys, 1) if ys else X.new_zeros(b, 0, h, p)
+    if z is not None:
+        y = y * F.silu(z.double())
+    out = [y]
+    if return_final_states:
+        out.append(H)
+    if return_state_norms:
+        out.append(torch.stack(norms, 1) if norms else X.new_zeros(b, 0, h))
+    return out[0] if len(out) == 1 else tuple(out)

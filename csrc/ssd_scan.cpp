@@ -1,0 +1,304 @@
+// The SSD (Mamba-2) scan on CPU: forward and checkpointed backward.
+//
+//   Δ_t = dt_t + bias (softplus'd if asked; clamped to dt_limit if one is given)
+//   a_t = decay_scale · exp(Δ_t A_h)
+//   H_t = a_t H_{t−1} + Δ_t x_t B_tᵀ        (H is [p, n] per (batch, head))
+//   y_t = H_t C_t + D ⊙ x_t,  out_t = y_t · silu(z_t) if z is given
+// with the state entering every chunk after the first rescaled to norm τ where it exceeds τ
+// (state_norm_max).
+//
+// Why the recurrent form on CPU (and not the chunked matmul form the GPU wants): one (batch,
+// head) pair is one OpenMP task that walks time with its [p, n] state in L1/L2 (32 KiB at p=64,
+// n=128). A step is three fused FMA passes over the state (update, output, norm), ~3·p·n FMAs;
+// the chunked algorithm does more arithmetic per step (intra-chunk C·Bᵀ and its product with X,
+// chunk states, state-to-output: ~3.5·p·n + chunk·(p+n) multiply-adds at chunk 64) and only
+// wins where the matmuls run on tensor cores. Chunks still matter here: they are the
+// checkpoints of the backward pass and where state_norm_max acts, so results do not depend on
+// chunk_size except through state_norm_max, as the contract says.
+//
+// Backward: the states entering each chunk are saved by the forward (O(b·h·p·n·l/chunk)); the
+// backward walks chunks in reverse, recomputes the chunk's states from its checkpoint into a
+// per-thread buffer, then runs the reverse-time recurrence for the state gradient
+//   dH_{t−1} = a_t (dH_t + dy_t C_tᵀ)
+// collecting dx, dz, dΔ (→ ddt, d bias), dA, dB, dC, dD and the initial-state gradient, and
+// applies the Jacobian of the rescaling at chunk boundaries. dB/dC are written per head (the
+// wrapper sums the heads of a group), so heads can run in parallel without atomics.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "common.h"
+#include "ssd_scan.h"
+
+namespace collapsekit {
+namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeLists.txt
+namespace {
+
+template <typename Acc> inline Acc softplus(Acc v) { return v > Acc(20) ? v : std::log1p(std::exp(v)); }
+template <typename Acc> inline Acc sigmoid(Acc v) { return Acc(1) / (Acc(1) + std::exp(-v)); }
+
+template <typename T, typename Acc>
+struct Ctx {
+  const SsdArgs& a;
+  const T *x, *B, *C, *z;
+  const Acc *dt, *A, *D, *bias, *init;
+  Acc* ckpt; Acc* pre;
+  int64_t K, hpg;  // chunks, heads per group
+  explicit Ctx(const SsdArgs& s)
+      : a(s), x(reinterpret_cast<const T*>(s.x)), B(reinterpret_cast<const T*>(s.B)),
+        C(reinterpret_cast<const T*>(s.C)), z(reinterpret_cast<const T*>(s.z)),
+        dt(reinterpret_cast<const Acc*>(s.dt)), A(reinterpret_cast<const Acc*>(s.A)),
+        D(reinterpret_cast<const Acc*>(s.D)), bias(reinterpret_cast<const Acc*>(s.dt_bias)),
+        init(reinterpret_cast<const Acc*>(s.init)), ckpt(reinterpret_cast<Acc*>(s.ckpt)),
+        pre(reinterpret_cast<Acc*>(s.pre_norms)),
+        K((s.l + s.chunk_size - 1) / s.chunk_size), hpg(s.h / s.g) {}
+
+  // Δ before the softplus/clamp (for the backward) and after.
+  inline void delta(int64_t bi, int64_t t, int64_t hi, Acc& raw, Acc& d) const {
+    raw = dt[bi * a.dts[0] + t * a.dts[1] + hi * a.dts[2]] + (bias ? bias[hi] : Acc(0));
+    d = a.dt_softplus ? softplus(raw) : raw;
+    if (a.dt_clamp) d = std::min(std::max(d, static_cast<Acc>(a.dt_min)), static_cast<Acc>(a.dt_max));
+  }
+  // d Δ / d raw
+  inline Acc delta_grad(Acc raw) const {
+    Acc d = a.dt_softplus ? softplus(raw) : raw;
+    if (a.dt_clamp && (d < static_cast<Acc>(a.dt_min) || d > static_cast<Acc>(a.dt_max))) return Acc(0);
+    return a.dt_softplus ? (raw > Acc(20) ? Acc(1) : sigmoid(raw)) : Acc(1);
+  }
+  inline void load_bc(int64_t bi, int64_t t, int64_t gi, Acc* bt, Acc* ct) const {
+    const T* bp = B + bi * a.bs[0] + t * a.bs[1] + gi * a.bs[2];
+    const T* cp = C + bi * a.cs[0] + t * a.cs[1] + gi * a.cs[2];
+    for (int64_t j = 0; j < a.n; ++j) { bt[j] = to_acc<Acc>(bp[j * a.bs[3]]); ct[j] = to_acc<Acc>(cp[j * a.cs[3]]); }
+  }
+  inline void load_row(const T* base, const std::vector<int64_t>& s, int64_t bi, int64_t t, int64_t hi, Acc* v) const {
+    const T* q = base + bi * s[0] + t * s[1] + hi * s[2];
+    for (int64_t i = 0; i < a.p; ++i) v[i] = to_acc<Acc>(q[i * s[3]]);
+  }
+  inline Acc* ckpt_at(int64_t bi, int64_t hi, int64_t k) const { return ckpt + ((bi * a.h + hi) * K + k) * a.p * a.n; }
+};
+
+template <typename Acc> inline Acc silu(Acc v) { return v * sigmoid(v); }
+
+template <typename Acc> inline Acc sumsq(const Acc* v, int64_t m) {
+  Acc s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) s += v[j] * v[j];
+  return s;
+}
+
+// The state entering chunk k (k >= 1): rescaled to norm τ where larger; its norm before is saved.
+template <typename T, typename Acc>
+inline void chunk_boundary(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, int64_t k, Acc* H) {
+  const int64_t pn = c.a.p * c.a.n;
+  if (k > 0 && c.a.state_norm_max > 0) {
+    const Acc nrm = std::sqrt(sumsq(H, pn));
+    if (c.pre) c.pre[(bi * c.a.h + hi) * c.K + k] = nrm;
+    const Acc tau = static_cast<Acc>(c.a.state_norm_max);
+    if (nrm > tau) {
+      const Acc f = tau / nrm;
+      for (int64_t j = 0; j < pn; ++j) H[j] *= f;
+    }
+  }
+  if (c.ckpt) std::copy(H, H + pn, c.ckpt_at(bi, hi, k));
+}
+
+template <typename T, typename Acc>
+void forward_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, T* out, Acc* fin, Acc* norms, std::vector<Acc>& work) {
+  const SsdArgs& a = c.a;
+  const int64_t p = a.p, n = a.n, pn = p * n, gi = hi / c.hpg;
+  Acc* H = work.data();
+  Acc* bt = H + pn; Acc* ct = bt + n; Acc* xv = ct + n; Acc* zv = xv + p;
+  if (c.init) std::copy(c.init + (bi * a.h + hi) * pn, c.init + (bi * a.h + hi + 1) * pn, H);
+  else std::fill(H, H + pn, Acc(0));
+  const Acc Ah = c.A[hi], lam = static_cast<Acc>(a.decay_scale);
+  const Acc* Dh = c.D ? c.D + hi * p : nullptr;
+  for (int64_t t = 0; t < a.l; ++t) {
+    if (t % a.chunk_size == 0) chunk_boundary(c, bi, hi, t / a.chunk_size, H);
+    Acc raw, d;
+    c.delta(bi, t, hi, raw, d);
+    const Acc at = lam * std::exp(d * Ah);
+    c.load_bc(bi, t, gi, bt, ct);
+    c.load_row(c.x, a.xs, bi, t, hi, xv);
+    if (c.z) c.load_row(c.z, a.zs, bi, t, hi, zv);
+    T* o = out + ((bi * a.l + t) * a.h + hi) * p;
+    Acc ss = 0;
+    for (int64_t i = 0; i < p; ++i) {
+      Acc* hr = H + i * n;
+      const Acc u = d * xv[i];
+      Acc y = 0;
+#pragma omp simd reduction(+ : y, ss)
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc v = at * hr[j] + u * bt[j];
+        hr[j] = v;
+        y += v * ct[j];
+        ss += v * v;
+      }
+      if (Dh) y += Dh[i] * xv[i];
+      if (c.z) y *= silu(zv[i]);
+      o[i] = from_acc<T>(y);
+    }
+    if (norms) norms[(bi * a.l + t) * a.h + hi] = std::sqrt(ss);
+  }
+  if (fin) std::copy(H, H + pn, fin + (bi * a.h + hi) * pn);
+}
+
+template <typename T, typename Acc>
+void backward_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, const T* dout, const std::vector<int64_t>& dos,
+                  const Acc* dfinal, T* dx, T* dz, Acc* ddt, Acc* dA, Acc* dB, Acc* dC, Acc* dD, Acc* dinit,
+                  std::vector<Acc>& work) {
+  const SsdArgs& a = c.a;
+  const int64_t p = a.p, n = a.n, pn = p * n, gi = hi / c.hpg, cs = a.chunk_size;
+  Acc* S = work.data();                 // (cs + 1) states: entering the chunk, then after each step
+  Acc* dH = S + (cs + 1) * pn;
+  Acc* bt = dH + pn; Acc* ct = bt + n; Acc* xv = ct + n; Acc* zv = xv + p; Acc* gv = zv + p;
+  Acc* dBacc = gv + p; Acc* dCacc = dBacc + n;
+  Acc* araw = dCacc + n; Acc* adel = araw + cs; Acc* adec = adel + cs;
+  const Acc Ah = c.A[hi], lam = static_cast<Acc>(a.decay_scale);
+  const Acc* Dh = c.D ? c.D + hi * p : nullptr;
+  Acc dAh = 0;
+  Acc* dDh = dD ? dD + (bi * a.h + hi) * p : nullptr;
+  if (dDh) std::fill(dDh, dDh + p, Acc(0));
+  if (dfinal) std::copy(dfinal + (bi * a.h + hi) * pn, dfinal + (bi * a.h + hi + 1) * pn, dH);
+  else std::fill(dH, dH + pn, Acc(0));
+  for (int64_t k = c.K - 1; k >= 0; --k) {
+    const int64_t t0 = k * cs, t1 = std::min(a.l, t0 + cs);
+    std::copy(c.ckpt_at(bi, hi, k), c.ckpt_at(bi, hi, k) + pn, S);
+    for (int64_t t = t0; t < t1; ++t) {  // recompute the chunk's states
+      const int64_t j0 = t - t0;
+      c.delta(bi, t, hi, araw[j0], adel[j0]);
+      adec[j0] = lam * std::exp(adel[j0] * Ah);
+      c.load_bc(bi, t, gi, bt, ct);
+      c.load_row(c.x, a.xs, bi, t, hi, xv);
+      const Acc* hp = S + j0 * pn;
+      Acc* hn = S + (j0 + 1) * pn;
+      const Acc at = adec[j0], d = adel[j0];
+      for (int64_t i = 0; i < p; ++i) {
+        const Acc u = d * xv[i];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) hn[i * n + j] = at * hp[i * n + j] + u * bt[j];
+      }
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {  // reverse-time recurrence
+      const int64_t j0 = t - t0;
+      const Acc* hp = S + j0 * pn;
+      const Acc* hn = S + (j0 + 1) * pn;
+      const Acc at = adec[j0], d = adel[j0];
+      c.load_bc(bi, t, gi, bt, ct);
+      c.load_row(c.x, a.xs, bi, t, hi, xv);
+      c.load_row(dout, dos, bi, t, hi, gv);
+      const int64_t row = ((bi * a.l + t) * a.h + hi) * p;
+      if (c.z) {  // out = y · silu(z): dy = dout · silu(z), dz = dout · y · silu'(z)
+        c.load_row(c.z, a.zs, bi, t, hi, zv);
+        for (int64_t i = 0; i < p; ++i) {
+          Acc y = 0;
+          const Acc* hr = hn + i * n;
+#pragma omp simd reduction(+ : y)
+          for (int64_t j = 0; j < n; ++j) y += hr[j] * ct[j];
+          if (Dh) y += Dh[i] * xv[i];
+          const Acc s = sigmoid(zv[i]);
+          dz[row + i] = from_acc<T>(gv[i] * y * s * (Acc(1) + zv[i] * (Acc(1) - s)));
+          gv[i] *= zv[i] * s;
+        }
+      }
+      std::fill(dBacc, dBacc + n, Acc(0));
+      std::fill(dCacc, dCacc + n, Acc(0));
+      Acc da = 0, dd = 0;
+      for (int64_t i = 0; i < p; ++i) {
+        Acc* g = dH + i * n;
+        const Acc* hr = hn + i * n;
+        const Acc* hq = hp + i * n;
+        const Acc dy = gv[i], xi = xv[i];
+        Acc r = 0, dai = 0;
+#pragma omp simd reduction(+ : r, dai)
+        for (int64_t j = 0; j < n; ++j) {
+          const Acc v = g[j] + dy * ct[j];   // dH_t including this step's output
+          dCacc[j] += hr[j] * dy;
+          dai += v * hq[j];
+          r += v * bt[j];
+          dBacc[j] += v * xi;
+          g[j] = at * v;                     // dH_{t−1}
+        }
+        da += dai;
+        dd += xi * r;
+        Acc gx = d * r;
+        if (Dh) { gx += dy * Dh[i]; dDh[i] += dy * xi; }
+        dx[row + i] = from_acc<T>(gx);
+      }
+      Acc* dBrow = dB + ((bi * a.l + t) * a.h + hi) * n;
+      Acc* dCrow = dC + ((bi * a.l + t) * a.h + hi) * n;
+      for (int64_t j = 0; j < n; ++j) { dBrow[j] = d * dBacc[j]; dCrow[j] = dCacc[j]; }
+      // a_t = λ exp(Δ A): ∂a/∂Δ = a·A, ∂a/∂A = a·Δ
+      dd += da * at * Ah;
+      dAh += da * at * d;
+      ddt[(bi * a.l + t) * a.h + hi] = dd * c.delta_grad(araw[j0]);
+    }
+    if (k > 0 && a.state_norm_max > 0) {  // back through H ← H · min(1, τ/‖H‖) at the boundary
+      const Acc nrm = c.pre[(bi * a.h + hi) * c.K + k];
+      const Acc tau = static_cast<Acc>(a.state_norm_max);
+      if (nrm > tau) {  // J v = (τ/‖H‖)(v − ĥ(ĥ·v)), ĥ = the rescaled state / τ
+        Acc hv = 0;
+        for (int64_t j = 0; j < pn; ++j) hv += S[j] * dH[j];
+        const Acc f = tau / nrm, q = hv / (tau * tau);
+        for (int64_t j = 0; j < pn; ++j) dH[j] = f * (dH[j] - S[j] * q);
+      }
+    }
+  }
+  dA[bi * a.h + hi] = dAh;
+  if (dinit) std::copy(dH, dH + pn, dinit + (bi * a.h + hi) * pn);
+}
+
+void check(const SsdArgs& a, const char* fn) {
+  if (a.b < 0 || a.l < 0 || a.h < 1 || a.p < 0 || a.g < 1 || a.n < 0 || a.h % a.g != 0 || a.chunk_size < 1 ||
+      a.xs.size() != 4 || a.dts.size() != 3 || a.bs.size() != 4 || a.cs.size() != 4 || (a.z && a.zs.size() != 4))
+    throw std::invalid_argument(std::string("collapsekit._C.") + fn + ": bad sizes or strides");
+}
+
+}  // namespace
+
+void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, uintptr_t norms) {
+  check(a, "ssd_scan_forward");
+  const int nt = clamp_threads(a.num_threads);
+  dispatch_float(a.dtype, [&](auto t_tag, auto acc_tag) {
+    using T = decltype(t_tag);
+    using Acc = decltype(acc_tag);
+    const Ctx<T, Acc> c(a);
+    const int64_t tasks = a.b * a.h;
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<Acc> work(a.p * a.n + 2 * a.n + 2 * a.p);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task)
+        forward_one(c, task / a.h, task % a.h, reinterpret_cast<T*>(out), reinterpret_cast<Acc*>(final_state),
+                    reinterpret_cast<Acc*>(norms), work);
+    }
+  });
+}
+
+void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64_t>& dos, uintptr_t dfinal,
+                       uintptr_t dx, uintptr_t dz, uintptr_t ddt, uintptr_t dA, uintptr_t dB, uintptr_t dC,
+                       uintptr_t dD, uintptr_t dinit) {
+  check(a, "ssd_scan_backward");
+  if (!a.ckpt || dos.size() != 4 || (a.state_norm_max > 0 && !a.pre_norms))
+    throw std::invalid_argument("collapsekit._C.ssd_scan_backward: checkpoints and dout strides are required");
+  const int nt = clamp_threads(a.num_threads);
+  dispatch_float(a.dtype, [&](auto t_tag, auto acc_tag) {
+    using T = decltype(t_tag);
+    using Acc = decltype(acc_tag);
+    const Ctx<T, Acc> c(a);
+    const int64_t tasks = a.b * a.h, cs = a.chunk_size;
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<Acc> work((cs + 2) * a.p * a.n + 4 * a.n + 3 * a.p + 3 * cs);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task)
+        backward_one(c, task / a.h, task % a.h, reinterpret_cast<const T*>(dout), dos,
+                     reinterpret_cast<const Acc*>(dfinal), reinterpret_cast<T*>(dx), reinterpret_cast<T*>(dz),
+                     reinterpret_cast<Acc*>(ddt), reinterpret_cast<Acc*>(dA), reinterpret_cast<Acc*>(dB),
+                     reinterpret_cast<Acc*>(dC), reinterpret_cast<Acc*>(dD), reinterpret_cast<Acc*>(dinit), work);
+    }
+  });
+}
+
+}  // namespace COLLAPSEKIT_ISA
+}  // namespace collapsekit
