@@ -15,7 +15,7 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, within_class
+from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, ssd_scan, within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -124,12 +124,34 @@ def etf_logits_cases():
             ["N", "C", "D", "gs0", "gs1", "hs0", "hs1"], {**consts, "BLOCK_C": bc, "BLOCK_D": bd, "BLOCK_N": bn}
 
 
+def ssd_scan_cases():
+    ints_common = ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"]
+    strides = [f"{a}s{i}" for a in "x" for i in range(4)] + ["ds0", "ds1", "ds2"] + \
+        [f"{a}s{i}" for a in "bcz" for i in range(4)]
+    for feat, flags in [("bf16", True), ("fp16", False), ("fp32", True), ("fp32", False), ("fp64", True)]:
+        acc = "fp64" if feat == "fp64" else "fp32"
+        a = f"*{acc}"
+        consts = {"HAS_D": flags, "HAS_Z": flags, "HAS_BIAS": flags, "SOFTPLUS": flags, "CLAMP": flags,
+                  "NORM_MAX": flags, "ACC": DTYPES[acc], "BLOCK_P": 64, "BLOCK_N": 128}
+        yield f"ssd_fwd[{feat},{flags}]", ssd_scan.ssd_fwd_kernel, \
+            {"x_ptr": f"*{feat}", "dt_ptr": a, "A_ptr": a, "B_ptr": f"*{feat}", "C_ptr": f"*{feat}", "D_ptr": a,
+             "z_ptr": f"*{feat}", "bias_ptr": a, "init_ptr": a, "par_ptr": a, "out_ptr": f"*{feat}",
+             "final_ptr": a, "norms_ptr": a, "ckpt_ptr": a, "pre_ptr": a}, ints_common + strides, \
+            {**consts, "HAS_INIT": flags, "SAVE": flags}
+        yield f"ssd_bwd[{feat},{flags}]", ssd_scan.ssd_bwd_kernel, \
+            {"x_ptr": f"*{feat}", "dt_ptr": a, "A_ptr": a, "B_ptr": f"*{feat}", "C_ptr": f"*{feat}", "D_ptr": a,
+             "z_ptr": f"*{feat}", "bias_ptr": a, "par_ptr": a, "ckpt_ptr": a, "pre_ptr": a, "scratch_ptr": a,
+             "gout_ptr": f"*{feat}", "gfinal_ptr": a, "dx_ptr": f"*{feat}", "dz_ptr": f"*{feat}", "ddt_ptr": a,
+             "dA_ptr": a, "dB_ptr": a, "dC_ptr": a, "dD_ptr": a, "dinit_ptr": a}, \
+            ints_common + ["SLOTS"] + strides + ["gs0", "gs1", "gs2", "gs3"], {**consts, "HAS_GFINAL": flags}
+
+
 def main():
     failures = 0
     count = 0
     for target in TARGETS:
         for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases(),
-                                                          etf_logits_cases()):
+                                                          etf_logits_cases(), ssd_scan_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)
