@@ -200,10 +200,12 @@ def ssd_bwd_kernel(
             dAh += da * at * d
             # dΔ/draw: sigmoid for softplus, 0 where the clamp is active
             dg = 1.0
+            pre_clamp = raw
             if SOFTPLUS:
                 dg = tl.where(raw > 20.0, 1.0, _sigmoid(raw))
-            if CLAMP:
-                dg = tl.where((d < dt_min) | (d > dt_max), 0.0, dg)
+                pre_clamp = _softplus(raw)
+            if CLAMP:  # torch.clamp's gradient: 1 inside [min, max] (inclusive), else 0
+                dg = tl.where((pre_clamp < dt_min) | (pre_clamp > dt_max), 0.0, dg)
             tl.store(ddt_ptr + row, dd * dg)
         if NORM_MAX:
             if k > 0:  # back through H ← H · min(1, τ/‖H‖)

@@ -1,0 +1,231 @@
+"""ssd_scan (Mamba-2 / SSD): every backend against the fp64 step-by-step reference, every option,
+gradients of every input, chaining through initial_states, and bad inputs."""
+import pytest
+import torch
+
+import collapsekit as ck
+from collapsekit import reference as ref
+from collapsekit.ops import ssd_scan as ssd_mod
+
+from conftest import HAS_CUDA, HAS_TRITON, assert_close, backend_devices
+
+INTERP = HAS_TRITON and not HAS_CUDA
+
+
+def _small(backend, device):
+    return backend == "triton" and device == "cpu"  # the interpreter is slow: tiny shapes
+
+
+def make(b, l, h, p, g, n, dtype=torch.float64, device="cpu", seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    t = dict(x=r(b, l, h, p), dt=torch.rand(b, l, h, generator=gen, dtype=torch.float64) * 0.6 - 0.1,
+             A=-torch.rand(h, generator=gen, dtype=torch.float64) - 0.1, B=r(b, l, g, n), C=r(b, l, g, n),
+             D=r(h, p), z=r(b, l, h, p), dt_bias=0.3 * r(h), initial_states=r(b, h, p, n))
+    out = {}
+    for k, v in t.items():
+        v = v.to(dtype if k in ("x", "B", "C", "z") else (torch.float64 if dtype == torch.float64 else torch.float32))
+        out[k] = v.to(device).requires_grad_(grad)
+    return out
+
+
+OPTION_SETS = {
+    "plain": dict(),
+    "all": dict(D=True, z=True, dt_bias=True, initial_states=True, dt_softplus=True),
+    "Dhead": dict(D="head", dt_softplus=True),
+    "limit": dict(dt_bias=True, dt_softplus=True, dt_limit=(0.05, 0.4)),
+    "collapse": dict(initial_states=True, decay_scale=0.9, state_norm_max=2.0, z=True),
+}
+
+
+def _call(fn, t, opts, **kw):
+    args = dict(kw)
+    for k in ("D", "z", "dt_bias", "initial_states"):
+        if opts.get(k):
+            args[k] = t[k][:, 0] if (k == "D" and opts[k] == "head") else t[k]
+    for k in ("dt_softplus", "dt_limit", "decay_scale", "state_norm_max"):
+        if k in opts:
+            args[k] = opts[k]
+    return fn(t["x"], t["dt"], t["A"], t["B"], t["C"], **args)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("opts", list(OPTION_SETS), ids=str)
+def test_forward_against_reference(backend, device, opts):
+    o = OPTION_SETS[opts]
+    shape = (1, 23, 2, 3, 1, 5) if _small(backend, device) else (2, 131, 4, 7, 2, 9)
+    cs = 8 if _small(backend, device) else 32
+    t = make(*shape, device=device)
+    got = _call(ck.ssd_scan, t, o, chunk_size=cs, return_final_states=True, return_state_norms=True, backend=backend)
+    want = _call(ref.ssd_scan, {k: v.cpu() for k, v in t.items()}, o, chunk_size=cs, return_final_states=True,
+                 return_state_norms=True)
+    for a, b_ in zip(got, want):
+        assert_close(a, b_, torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("chunk_size", [16, 64, 256])
+def test_chunk_size_changes_nothing_and_any_length(backend, device, chunk_size):
+    l = 37 if _small(backend, device) else 300  # not a multiple of any chunk size
+    t = make(1, l, 2, 4, 1, 6, device=device, seed=1)
+    o = OPTION_SETS["all"]
+    got = _call(ck.ssd_scan, t, o, chunk_size=chunk_size, backend=backend)
+    want = _call(ref.ssd_scan, {k: v.cpu() for k, v in t.items()}, o, chunk_size=chunk_size)
+    assert_close(got, want, torch.float64)
+    if chunk_size != 16:
+        other = _call(ck.ssd_scan, t, o, chunk_size=16, backend=backend)
+        assert_close(got, other, torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_half_and_single_precision(backend, device, dtype):
+    if _small(backend, device) and dtype == torch.bfloat16:
+        pytest.skip("interpreter: no bf16")
+    shape = (1, 19, 2, 4, 1, 8) if _small(backend, device) else (2, 97, 4, 16, 2, 32)
+    t = make(*shape, dtype=dtype, device=device, seed=2)
+    o = OPTION_SETS["all"]
+    out, fin = _call(ck.ssd_scan, t, o, chunk_size=16, return_final_states=True, backend=backend)
+    assert out.dtype == dtype and fin.dtype == torch.float32
+    want, wfin = _call(ref.ssd_scan, {k: v.cpu() for k, v in t.items()}, o, chunk_size=16, return_final_states=True)
+    # inputs are the same rounded values; the state accumulates in fp32, the output is rounded
+    scale = float(want.abs().max())
+    assert_close(out, want, dtype, scale=scale)
+    assert_close(fin, wfin, torch.float32, scale=10 * float(wfin.abs().max()))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("opts", ["all", "limit", "collapse", "Dhead"], ids=str)
+def test_gradients_against_reference(backend, device, opts, monkeypatch):
+    o = OPTION_SETS[opts]
+    shape = (1, 21, 2, 3, 1, 4) if _small(backend, device) else (2, 75, 4, 5, 2, 6)
+    t = make(*shape, device=device, seed=3, grad=True)
+    tr = {k: v.detach().cpu().requires_grad_() for k, v in t.items()}
+    cs = 8  # several chunks: the backward restarts from checkpoints (and state_norm_max acts)
+    out, fin = _call(ck.ssd_scan, t, o, chunk_size=cs, return_final_states=True, backend=backend)
+    wout, wfin = _call(ref.ssd_scan, tr, o, chunk_size=cs, return_final_states=True)
+    gen = torch.Generator().manual_seed(4)
+    go = torch.randn(wout.shape, generator=gen, dtype=torch.float64)
+    gf = torch.randn(wfin.shape, generator=gen, dtype=torch.float64)
+    names = [k for k in t if k in ("x", "dt", "A", "B", "C") or o.get(k)]
+    got = torch.autograd.grad([out, fin], [t[k] for k in names], [go.to(device), gf.to(device)])
+    want = torch.autograd.grad([wout, wfin], [tr[k] for k in names], [go, gf])
+    for k, a, b_ in zip(names, got, want):
+        if k == "D" and o.get("D") == "head":
+            continue  # D was passed as t["D"][:, 0]: both grads are w.r.t. the full tensor's column
+        assert_close(a, b_, torch.float64, scale=max(1.0, float(b_.abs().max())))
+
+
+def test_gradcheck_cpp():
+    t = make(1, 9, 2, 2, 1, 3, seed=5, grad=True)
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+
+    def f(*args):
+        kw = dict(zip(names, args))
+        out, fin = ck.ssd_scan(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], D=kw["D"], z=kw["z"],
+                               dt_bias=kw["dt_bias"], initial_states=kw["initial_states"], dt_softplus=True,
+                               chunk_size=4, state_norm_max=1.5, decay_scale=0.95, return_final_states=True,
+                               backend="cpp")
+        return out, fin
+
+    assert torch.autograd.gradcheck(f, tuple(t[k] for k in names))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_chained_calls_equal_one_call(backend, device):
+    l = 30 if _small(backend, device) else 200
+    t = make(2, l, 2, 3, 1, 4, device=device, seed=6)
+    o = dict(D=t["D"], z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True)
+    whole, fin = ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=8, return_final_states=True,
+                             backend=backend, **o)
+    cut = 13  # not a chunk boundary
+    s = lambda v, a, b_: v[:, a:b_]
+    first, mid = ck.ssd_scan(s(t["x"], 0, cut), s(t["dt"], 0, cut), t["A"], s(t["B"], 0, cut), s(t["C"], 0, cut),
+                             chunk_size=8, return_final_states=True, backend=backend,
+                             **{**o, "z": s(t["z"], 0, cut)})
+    second, fin2 = ck.ssd_scan(s(t["x"], cut, l), s(t["dt"], cut, l), t["A"], s(t["B"], cut, l), s(t["C"], cut, l),
+                               chunk_size=8, initial_states=mid, return_final_states=True, backend=backend,
+                               **{**o, "z": s(t["z"], cut, l)})
+    assert_close(torch.cat([first, second], 1), whole, torch.float64)
+    assert_close(fin2, fin, torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_state_norms_collapse_options_strides_and_empty(backend, device):
+    t = make(1, 40, 2, 3, 1, 4, device=device, seed=7)
+    x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
+    plain = ck.ssd_scan(x, dt, A, B, C, chunk_size=8, return_state_norms=True, backend=backend)[1]
+    forget = ck.ssd_scan(x, dt, A, B, C, chunk_size=8, decay_scale=0.5, return_state_norms=True, backend=backend)[1]
+    clipped = ck.ssd_scan(x, dt, A, B, C, chunk_size=8, state_norm_max=0.5, return_state_norms=True,
+                          backend=backend)[1]
+    assert plain.shape == (1, 40, 2) and bool((forget[:, 5:] < plain[:, 5:]).all())
+    # the first chunk is untouched; later the rescaled state keeps the norms well below the plain run's
+    assert float(clipped[:, 0:8].sub(plain[:, 0:8]).abs().max()) < 1e-12
+    assert float(plain[:, 7::8].min()) > 1.0  # so τ = 0.5 is active at every boundary
+    assert bool((clipped[:, 8::8] < plain[:, 8::8]).all())
+    # non-contiguous inputs (strided views of larger tensors)
+    xs = torch.cat([x, x], 3)[..., ::2]
+    Bs = B.transpose(1, 2).contiguous().transpose(1, 2)
+    dts = torch.cat([dt, dt], 2)[..., ::2]
+    got = ck.ssd_scan(xs, dts, A, Bs, C, chunk_size=8, backend=backend)
+    want = ref.ssd_scan(xs.cpu(), dts.cpu(), A.cpu(), Bs.cpu(), C.cpu(), chunk_size=8)
+    assert_close(got, want, torch.float64)
+    # empty sequence: the final state is the initial state; no steps, no norms
+    out, fin, nrm = ck.ssd_scan(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], initial_states=t["initial_states"],
+                                return_final_states=True, return_state_norms=True, backend=backend)
+    assert out.shape == (1, 0, 2, 3) and nrm.shape == (1, 0, 2)
+    assert torch.equal(fin.cpu(), t["initial_states"].cpu())
+    assert ck.ssd_scan(x[:0], dt[:0], A, B[:0], C[:0], backend=backend).shape == (0, 40, 2, 3)
+
+
+def test_opcheck_and_compile():
+    t = make(1, 12, 2, 3, 1, 4, seed=8, grad=True)
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], t["initial_states"], 4, True,
+            0.0, float("inf"), False, 0.9, 1.5, True)
+    torch.library.opcheck(ssd_mod._ssd_scan_cpp, args)
+    torch._dynamo.reset()
+    f = lambda x, dt, A, B, C: ck.ssd_scan(x, dt, A, B, C, chunk_size=4, dt_softplus=True).sum()
+    fl = [t[k].detach().float() for k in ("x", "dt", "A", "B", "C")]
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(*fl), f(*fl))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_opcheck_triton():
+    device = "cuda" if HAS_CUDA else "cpu"
+    t = make(1, 10, 2, 3, 1, 4, seed=9, device=device, grad=True)
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], None, None, None, 4, False, 0.0, float("inf"), False,
+            1.0, 0.0, True)
+    kwargs = {} if HAS_CUDA else dict(test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(ssd_mod._ssd_scan_triton, args, **kwargs)
+
+
+def test_bad_input():
+    t = make(2, 10, 4, 3, 2, 5, seed=10)
+    x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
+    cases = [
+        (lambda: ck.ssd_scan(x[0], dt, A, B, C), ValueError, "x must be 4-D"),
+        (lambda: ck.ssd_scan(x, dt[:, :5], A, B, C), ValueError, r"dt must be \(batch, seqlen, nheads\)"),
+        (lambda: ck.ssd_scan(x, dt, A[:3], B, C), ValueError, r"A must be \(nheads,\)"),
+        (lambda: ck.ssd_scan(x, dt, torch.complex(A, A), B, C), TypeError, "complex A is not supported"),
+        (lambda: ck.ssd_scan(x, dt, A, B[:, :, :, :4], C), ValueError, "C must have B's shape"),
+        (lambda: ck.ssd_scan(x, dt, A, B[:1], C[:1]), ValueError, "batch=2"),
+        (lambda: ck.ssd_scan(x, dt, A, torch.cat([B, B[:, :, :1]], 2), torch.cat([C, C[:, :, :1]], 2)), ValueError,
+         "ngroups=3 .* must divide nheads=4"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, D=torch.zeros(4, 2)), ValueError, "D must be"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, z=x[:, :5]), ValueError, "z must have x's shape"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, dt_bias=torch.zeros(3)), ValueError, "dt_bias must be"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, initial_states=torch.zeros(2, 4, 3, 4)), ValueError,
+         "initial_states must be"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, decay_scale=0.0), ValueError, "decay_scale must be"),
+        (lambda: ck.ssd_scan(x, dt, A, B, C, state_norm_max=-1.0), ValueError, "state_norm_max must be"),
+        (lambda: ck.ssd_scan(x.long(), dt, A, B, C), TypeError, "x must be float"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+    if INTERP:
+        with pytest.raises(ValueError, match="need next_pow2"):
+            big = make(1, 2, 1, 200, 1, 100)
+            ck.ssd_scan(big["x"], big["dt"], big["A"], big["B"], big["C"], backend="triton")
