@@ -161,7 +161,7 @@ def test_state_norms_collapse_options_strides_and_empty(backend, device):
     assert plain.shape == (1, 40, 2) and bool((forget[:, 5:] < plain[:, 5:]).all())
     # the first chunk is untouched; later the rescaled state keeps the norms well below the plain run's
     assert float(clipped[:, 0:8].sub(plain[:, 0:8]).abs().max()) < 1e-12
-    assert float(plain[:, 7::8].min()) > 1.0  # so τ = 0.5 is active at every boundary
+    assert float(plain[:, 7::8].min()) > 0.6  # so τ = 0.5 is active at every boundary
     assert bool((clipped[:, 8::8] < plain[:, 8::8]).all())
     # non-contiguous inputs (strided views of larger tensors)
     xs = torch.cat([x, x], 3)[..., ::2]
