@@ -229,3 +229,22 @@ def test_bad_input():
         with pytest.raises(ValueError, match="need next_pow2"):
             big = make(1, 2, 1, 200, 1, 100)
             ck.ssd_scan(big["x"], big["dt"], big["A"], big["B"], big["C"], backend="triton")
+
+
+def test_state_collapse_example_runs_and_shows_the_mitigations():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "state_collapse.py"
+    spec = importlib.util.spec_from_file_location("state_collapse", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    norms = mod.run(length=1500, train_length=300, decay_scale=0.99, state_norm_max=1.0, chunk_size=64)
+    plain, forget, capped = norms.values()
+    assert plain.shape == (1500, 8)
+    # the slowest-forgetting head keeps growing past the training length without a mitigation
+    slow = int(plain[-1].argmax())
+    assert float(plain[300:, slow].max()) > 1.2 * float(plain[:300, slow].max())
+    assert float(forget[300:].max()) < float(plain[300:].max())
+    # right after each chunk boundary the capped state is at most τ, grown by one step
+    assert float(capped[64::64].max()) < float(plain[64::64].max())
