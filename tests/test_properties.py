@@ -81,3 +81,93 @@ def test_out_of_range_labels_rejected_or_ignored(n, c, bad):
         rs, rc = ref.class_sums(feats, labels, c)
         assert_close(sums, rs, torch.float32)
         assert_close(counts, rc, torch.float32)
+
+
+# ------------------------------------------------------------------ the other op families ------
+
+def _features(draw, g, n, d, dtype):
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    if layout == "transposed":
+        return torch.randn(d, n, generator=g).to(dtype).t()
+    if layout == "strided":
+        return torch.randn(n, 2 * d + 1, generator=g).to(dtype)[:, 1::2]
+    return torch.randn(n, d, generator=g).to(dtype)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 50), d=st.integers(0, 17), c=st.sampled_from([1, 2, 7, 5000]),
+       one_class=st.booleans(), dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1))
+def test_within_class_cpp_matches_reference(n, d, c, one_class, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g).to(dtype)
+    labels = torch.full((n,), c - 1) if one_class else torch.randint(0, c, (n,), generator=g)
+    means = torch.randn(c, d, generator=g)
+    v = ck.within_class_variance(feats, labels, means, backend="cpp")
+    s = ck.within_class_covariance(feats, labels, means, backend="cpp")
+    assert_close(v, ref.within_class_variance(feats, labels, means), torch.float32, scale=50)
+    assert_close(s, ref.within_class_covariance(feats, labels, means), torch.float32, scale=50)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), n=st.integers(0, 40), d=st.integers(1, 17), c=st.sampled_from([1, 3, 11, 3000]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_nearest_class_center_and_decisions_match_reference(data, n, d, c, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = _features(data.draw, g, n, d, dtype)
+    means = torch.randn(c, d, generator=g).to(dtype)
+    got = ck.nearest_class_center(feats, means, backend="cpp")
+    want = ck.nearest_class_center(feats, means, backend="reference")
+    # random data has no near-ties at these sizes; where the fp64 scores tie, either is correct
+    d2 = torch.cdist(feats.double(), means.double()).pow(2) if n else torch.zeros(0, c)
+    assert got.shape == (n,)
+    if n:
+        picked = d2.gather(1, got[:, None])[:, 0]
+        assert torch.allclose(picked, d2.min(1).values, rtol=1e-5, atol=1e-5)
+        assert bool((want == d2.argmin(1)).all())
+    from collapsekit.ops.nearest_center import classifier_decisions
+
+    b = torch.randn(c, generator=g).to(dtype)
+    dec = classifier_decisions(feats, means, b, backend="cpp")
+    if n:
+        logits = feats.double() @ means.double().t() + b.double()
+        assert torch.allclose(logits.gather(1, dec[:, None])[:, 0], logits.max(1).values, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), n=st.integers(0, 40), d=st.integers(0, 19), c=st.integers(0, 13),
+       dtype=st.sampled_from(FLOATS), scale=st.floats(0.1, 30), seed=st.integers(0, 2**31 - 1))
+def test_etf_logits_cpp_matches_reference(data, n, d, c, dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = _features(data.draw, g, n, d, dtype)
+    if n and data.draw(st.booleans()):
+        feats = feats.clone()
+        feats[0] = 0  # a zero row (the eps clamp)
+    etf = torch.randn(c, d, generator=g)
+    out = ck.etf_logits(feats, etf, scale, backend="cpp")
+    assert out.shape == (n, c) and out.dtype == dtype
+    assert_close(out, ref.etf_logits(feats, etf.to(dtype).float() if dtype != torch.float64 else etf, scale), dtype,
+                 scale=scale * max(1.0, float(etf.norm(dim=1).max()) if c else 1.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(0, 2), l=st.integers(0, 40), h=st.sampled_from([1, 2, 4]), p=st.integers(1, 9),
+       n=st.integers(1, 12), gsel=st.sampled_from([1, "h"]), chunk=st.sampled_from([1, 3, 16, 64]),
+       opts=st.fixed_dictionaries({"D": st.booleans(), "z": st.booleans(), "bias": st.booleans(),
+                                   "init": st.booleans(), "softplus": st.booleans(),
+                                   "tau": st.sampled_from([None, 0.5, 5.0]), "lam": st.sampled_from([1.0, 0.9])}),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_ssd_scan_cpp_matches_reference(b, l, h, p, n, gsel, chunk, opts, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = h if gsel == "h" else 1
+    r = lambda *s: torch.randn(*s, generator=gen).to(dtype)
+    x, B, C = r(b, l, h, p), r(b, l, g, n), r(b, l, g, n)
+    dt, A = torch.rand(b, l, h, generator=gen).to(dtype) * 0.5, -torch.rand(h, generator=gen).to(dtype)
+    kw = dict(chunk_size=chunk, D=r(h, p) if opts["D"] else None, z=r(b, l, h, p) if opts["z"] else None,
+              dt_bias=r(h) if opts["bias"] else None, initial_states=r(b, h, p, n) if opts["init"] else None,
+              dt_softplus=opts["softplus"], state_norm_max=opts["tau"], decay_scale=opts["lam"],
+              return_final_states=True, return_state_norms=True)
+    got = ck.ssd_scan(x, dt, A, B, C, backend="cpp", **kw)
+    want = ref.ssd_scan(x, dt, A, B, C, **kw)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        assert_close(a, w, dtype, scale=max(1.0, float(w.abs().max()) if w.numel() else 1.0))

@@ -38,6 +38,7 @@ class Workload:
     quick: bool = False                                   # part of `bench --quick`
     full: bool = True                                     # part of the full run
     compile: bool = True                                  # also time baselines under torch.compile
+    no_compile: tuple = ()                                # baselines never compiled (e.g. Python loops over L)
     flops: Optional[Callable[[Dict[str, Any]], int]] = None  # GEMM-bound ops: FLOPs of the work
 
     @property
@@ -343,7 +344,7 @@ def _ssd_workload(b, l, h, p, g, n, dtype, devices, backward=False, quick=False,
                     # x in + out (+ B, C, dt); the backward reads them again and writes their grads
                     bytes_moved=lambda inp: (2 * b * l * h * p + 2 * b * l * g * n + b * l * h) * elt * (3 if backward else 1),
                     floor_bytes=lambda inp: b * l * h * p * elt,
-                    devices=devices, quick=quick, full=full)
+                    devices=devices, quick=quick, full=full, no_compile=("eager_loop",))
 
 
 # the issue-7 CPU goal shape, forward and forward+backward
@@ -452,6 +453,8 @@ def run_workload(w: Workload, device: torch.device, reps: int, compile_baselines
         providers[name] = (lambda fn: lambda: fn(**inp))(fn)
     if compile_baselines and w.compile:
         for name, fn in w.baselines.items():
+            if name in w.no_compile:
+                continue
             torch._dynamo.reset()
             cfn = torch.compile(fn)
             try:
