@@ -55,8 +55,9 @@ template <typename V, typename Acc> inline Acc vsum(V v) {
 }
 #endif
 
-// One step of the forward recurrence for one state row: h = a·h + u·b; returns Σ h·c, adds Σ h² to ss.
-template <typename Acc>
+// One step of the forward recurrence for one state row: h = a·h + u·b; returns Σ h·c, adds Σ h² to
+// ss when NORM (the per-step state norms cost one FMA per element, so they are skipped if unwanted).
+template <typename Acc, bool NORM>
 inline Acc row_forward(Acc* __restrict hr, const Acc* __restrict bt, const Acc* __restrict ct, int64_t n, Acc at,
                        Acc u, Acc& ss) {
   int64_t j = 0;
@@ -70,7 +71,7 @@ inline Acc row_forward(Acc* __restrict hr, const Acc* __restrict bt, const Acc* 
     const V v = va * vload<V>(hr + j) + vu * vload<V>(bt + j);
     vstore(hr + j, v);
     vy += v * vload<V>(ct + j);
-    vs += v * v;
+    if (NORM) vs += v * v;
   }
   y = vsum<V, Acc>(vy);
   s2 = vsum<V, Acc>(vs);
@@ -79,7 +80,7 @@ inline Acc row_forward(Acc* __restrict hr, const Acc* __restrict bt, const Acc* 
     const Acc v = at * hr[j] + u * bt[j];
     hr[j] = v;
     y += v * ct[j];
-    s2 += v * v;
+    if (NORM) s2 += v * v;
   }
   ss += s2;
   return y;
@@ -210,7 +211,8 @@ void forward_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, T* out, Acc* fin,
     T* o = out + ((bi * a.l + t) * a.h + hi) * p;
     Acc ss = 0;
     for (int64_t i = 0; i < p; ++i) {
-      Acc y = row_forward(H + i * n, bt, ct, n, at, d * xv[i], ss);
+      Acc y = norms ? row_forward<Acc, true>(H + i * n, bt, ct, n, at, d * xv[i], ss)
+                    : row_forward<Acc, false>(H + i * n, bt, ct, n, at, d * xv[i], ss);
       if (Dh) y += Dh[i] * xv[i];
       if (c.z) y *= silu(zv[i]);
       o[i] = from_acc<T>(y);

@@ -181,7 +181,7 @@ def test_state_norms_collapse_options_strides_and_empty(backend, device):
 def test_opcheck_and_compile():
     t = make(1, 12, 2, 3, 1, 4, seed=8, grad=True)
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], t["initial_states"], 4, True,
-            0.0, float("inf"), False, 0.9, 1.5, True)
+            0.0, float("inf"), False, 0.9, 1.5, True, True)
     torch.library.opcheck(ssd_mod._ssd_scan_cpp, args)
     torch._dynamo.reset()
     f = lambda x, dt, A, B, C: ck.ssd_scan(x, dt, A, B, C, chunk_size=4, dt_softplus=True).sum()
@@ -194,7 +194,7 @@ def test_opcheck_triton():
     device = "cuda" if HAS_CUDA else "cpu"
     t = make(1, 10, 2, 3, 1, 4, seed=9, device=device, grad=True)
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], None, None, None, 4, False, 0.0, float("inf"), False,
-            1.0, 0.0, True)
+            1.0, 0.0, True, False)
     kwargs = {} if HAS_CUDA else dict(test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(ssd_mod._ssd_scan_triton, args, **kwargs)
 

@@ -57,19 +57,19 @@ def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, 
 def _ssd_scan_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                   dt_bias: Optional[Tensor], initial_states: Optional[Tensor], chunk_size: int, dt_softplus: bool,
                   dt_min: float, dt_max: float, dt_clamp: bool, decay_scale: float, state_norm_max: float,
-                  save_checkpoints: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  save_checkpoints: bool, want_norms: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, l, h, p = x.shape
     n = B.shape[3]
     acc = _acc(x)
     out = torch.empty(b, l, h, p, dtype=x.dtype)
     final = torch.empty(b, h, p, n, dtype=acc)
-    norms = torch.empty(b, l, h, dtype=acc)
+    norms = torch.empty(b, l, h, dtype=acc) if want_norms else x.new_empty(0, dtype=acc)
     k = _num_chunks(l, chunk_size)
     ckpt = torch.empty(b, h, k, p, n, dtype=acc) if save_checkpoints else x.new_empty(0, dtype=acc)
     pre = torch.zeros(b, h, k, dtype=acc) if save_checkpoints and state_norm_max > 0 else x.new_empty(0, dtype=acc)
     a = _args(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
               decay_scale, state_norm_max, ckpt, pre)
-    _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr())
+    _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr() if want_norms else 0)
     return out, final, norms, ckpt, pre
 
 
@@ -114,11 +114,12 @@ def _ssd_scan_triton_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
                           z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
                           chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float, dt_clamp: bool,
                           decay_scale: float, state_norm_max: float,
-                          save_checkpoints: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          save_checkpoints: bool, want_norms: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import ssd_scan as k
 
-    return k.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max,
-                     dt_clamp, decay_scale, state_norm_max, save_checkpoints)
+    out, final, norms, ckpt, pre = k.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus,
+                                             dt_min, dt_max, dt_clamp, decay_scale, state_norm_max, save_checkpoints)
+    return out, final, norms if want_norms else norms.new_empty(0), ckpt, pre  # (the kernel computes them anyway)
 
 
 def _ssd_scan_backward_triton_impl(gout: Tensor, gfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor,
@@ -142,14 +143,15 @@ _ssd_scan_backward_triton = _op("collapsekit::ssd_scan_backward_triton", _ssd_sc
 # ------------------------------------------------------------------------ fake + autograd ------
 
 def _fake(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-          decay_scale, state_norm_max, save_checkpoints):
+          decay_scale, state_norm_max, save_checkpoints, want_norms):
     b, l, h, p = x.shape
     n = B.shape[3]
     acc = _acc(x)
     k = _num_chunks(l, chunk_size)
     ckpt = x.new_empty(b, h, k, p, n, dtype=acc) if save_checkpoints else x.new_empty(0, dtype=acc)
     pre = x.new_empty(b, h, k, dtype=acc) if save_checkpoints and state_norm_max > 0 else x.new_empty(0, dtype=acc)
-    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, dtype=acc), x.new_empty(b, l, h, dtype=acc), ckpt, pre)
+    norms = x.new_empty(b, l, h, dtype=acc) if want_norms else x.new_empty(0, dtype=acc)
+    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, dtype=acc), norms, ckpt, pre)
 
 
 def _fake_backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size, dt_softplus,
@@ -185,7 +187,7 @@ def _make_autograd(backward_op):
                                                                 ckpt, pre, *ctx.flags)
         has_d, has_z, has_bias, has_init = ctx.has
         return (dx, ddt, dA, dB, dC, dD if has_d else None, dz if has_z else None, dbias if has_bias else None,
-                dinit if has_init else None) + (None,) * 8
+                dinit if has_init else None) + (None,) * 9
 
     return backward, setup_context
 
@@ -315,7 +317,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     fn = _ssd_scan_cpp if backend == "cpp" else _ssd_scan_triton
     out, final, norms, _, _ = fn(x, dt_c, A_c, B_c, C_c, D_c, z_c, bias_c, init_c, chunk_size, bool(dt_softplus),
                                  float(dt_limit[0]), float(dt_limit[1]), dt_clamp, float(decay_scale),
-                                 float(state_norm_max) if state_norm_max is not None else 0.0, needs_grad)
+                                 float(state_norm_max) if state_norm_max is not None else 0.0, needs_grad,
+                                 bool(return_state_norms))
     res = [out]
     if return_final_states:
         res.append(final)
