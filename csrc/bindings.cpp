@@ -4,6 +4,7 @@
 // Each kernel exists once per instruction-set build (namespace base, and avx2 on x86-64);
 // CK_DISPATCH calls the best one this CPU supports, or the one forced with set_isa().
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdlib>
 #include <string>
@@ -13,6 +14,7 @@
 #include "within_class.h"
 #include "pairwise.h"
 #include "nearest_center.h"
+#include "selective_scan.h"
 
 namespace py = pybind11;
 using namespace collapsekit;
@@ -100,4 +102,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dots"), py::arg("dtype"), py::arg("R"), py::arg("T"), py::arg("ds0"), py::arg("offsets"),
         py::arg("alpha"), py::arg("col0"), py::arg("best"), py::arg("best_idx"), py::arg("num_threads"),
         "running arg-min of offsets[j] + alpha * dots[r, j] over one [R, T] tile (best/best_idx updated in place)");
+
+  using s = void (*)(std::vector<int64_t>);
+  m.def("selective_scan_fwd", static_cast<s>(CK_DISPATCH(selective_scan_fwd)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"),
+        "Mamba-1 selective scan forward; args: the flat int64 list of SelectiveScanArgs (csrc/selective_scan.h)");
+  m.def("selective_scan_bwd", static_cast<s>(CK_DISPATCH(selective_scan_bwd)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"),
+        "Mamba-1 selective scan backward from checkpoints; args as selective_scan_fwd");
 }
