@@ -7,8 +7,9 @@ from . import reference
 from .accumulator import CollapseAccumulator, collapse_metrics
 from .ops.class_sums import class_means, class_sums
 from .ops.nearest_center import nearest_class_center
+from .ops.selective_scan import selective_scan
 from .ops.within_class import within_class_covariance, within_class_variance
 
 __version__ = "0.1.0"
 
-__all__ = ["CollapseAccumulator", "collapse_metrics", "class_sums", "class_means", "within_class_variance", "within_class_covariance", "nearest_class_center", "reference", "__version__"]
+__all__ = ["CollapseAccumulator", "collapse_metrics", "class_sums", "class_means", "within_class_variance", "within_class_covariance", "nearest_class_center", "selective_scan", "reference", "__version__"]
