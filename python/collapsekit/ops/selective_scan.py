@@ -60,8 +60,17 @@ def _geometry(dim: int, B: Tensor, C: Tensor) -> Tuple[int, int, int]:
     return seg, bps, (dim // seg) * bps
 
 
+def _canonical(B: Tensor, C: Tensor) -> None:
+    """The registered ops address B and C only in the public wrapper's canonical forms."""
+    for name, M in (("B", B), ("C", C)):
+        if M.dim() not in (2, 4):
+            raise ValueError(f"selective_scan: the registered op needs {name} as (dim, N) or (batch, G, N, L), "
+                             f"got shape {tuple(M.shape)}")
+
+
 def _base_args(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk) -> dict:
     batch, dim, L = u.shape
+    _canonical(B, C)
     a = dict.fromkeys(_ARG_FIELDS, 0)
     a.update(batch=batch, dim=dim, L=L, N=A.shape[1], softplus=int(softplus), chunk=chunk,
              acc_code=_dispatch.FLOAT_CODES[A.dtype], num_threads=_dispatch.num_threads(),
@@ -142,6 +151,8 @@ def _fwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      softplus: bool, want_norms: bool, save: bool, chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import selective_scan as k  # imports triton: only on the first Triton call
 
+    _canonical(B, C)
+
     outs = _empty_outputs(u, A, want_norms, save, chunk)
     k.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk, *outs)
     return outs
@@ -153,6 +164,7 @@ def _bwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import selective_scan as k
 
+    _canonical(B, C)
     return k.backward(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, softplus, chunk)
 
 
