@@ -3,17 +3,17 @@
 //   dt_t = softplus(delta_t + bias) (or not),  x_t = exp(dt_t A) * x_{t-1} + dt_t u_t B_t,
 //   y_t = <x_t, C_t> + D u_t,  out_t = y_t * silu(z_t)
 //
-// Work unit (one OpenMP task): one batch row and a block of CB = 16 channels that share their B
-// and C group. The 16 channels are the SIMD lanes: the state x is an [N][16] tile (L1, never
-// written to memory except at checkpoints), every inner loop runs over the 16 lanes with B_t[n]
+// Work unit (one OpenMP task): one batch row and a block of CB = 8 channels that share their B
+// and C group. The 8 channels are the SIMD lanes: the state x is an [N][8] tile (L1, never
+// written to memory except at checkpoints), every inner loop runs over the 8 lanes with B_t[n]
 // and C_t[n] broadcast (time-varying B/C are shared by the channels of a group), so the output
 // y_t = sum_n x_t[n] C_t[n] is a lane-wise multiply-add, never a horizontal reduction. Inputs are
-// read CHUNK time steps at a time into small transposed [T][16] buffers (any strides and dtypes,
+// read CHUNK time steps at a time into small transposed [T][8] buffers (any strides and dtypes,
 // converted once); nothing of size (batch, dim, L, N) exists.
 //
-// exp(dt*A) -- N exponentials per channel and step, the bulk of the work -- uses fast_exp: Cody-
-// Waite range reduction and Cephes' degree-6 polynomial, branch-free so the lane loop vectorises;
-// within 2 ulp of expf (results below FLT_MIN flush to 0). fp64 inputs use std::exp.
+// exp(dt*A) -- N exponentials per channel and step, the bulk of the work -- uses vexp: Cody-Waite
+// range reduction and Cephes' degree-6 polynomial, branch-free on whole lane vectors; within 2 ulp
+// of expf (results below FLT_MIN flush to 0). fp64 inputs use std::exp.
 //
 // Backward: the forward stores the state every CHUNK steps (ckpt, (batch, dim, ceil(L/CHUNK), N)).
 // The backward walks the chunks in reverse; for each it recomputes the CHUNK states (and the decays
@@ -35,40 +35,103 @@ namespace collapsekit {
 namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeLists.txt
 namespace {
 
-constexpr int CB = 16;  // channels per block = SIMD lanes of the inner loops
+constexpr int CB = 8;  // channels per block = SIMD lanes of the inner loops (one AVX2 fp32 register)
 
-inline float fast_exp(float x) {
+// ---- lane vectors: CB values of Acc, one per channel of the block -------------------------------
+// The hot loops are written once, as whole-lane expressions. In the AVX2 build fp32 lanes are a
+// GCC/Clang vector-extension type of exactly one register (wider ones get their selects
+// scalarised); elsewhere, and for fp64, a plain array struct with the same operations stands in
+// (short loops the compiler vectorises; -fno-trapping-math lets it if-convert the selects).
+template <typename Acc> struct ArrVec {
+  Acc v[CB];
+  Acc& operator[](int i) { return v[i]; }
+  Acc operator[](int i) const { return v[i]; }
+#define CK_VOP(op) \
+  friend ArrVec operator op(ArrVec a, const ArrVec& b) { for (int i = 0; i < CB; ++i) a.v[i] = a.v[i] op b.v[i]; return a; } \
+  friend ArrVec operator op(ArrVec a, Acc b) { for (int i = 0; i < CB; ++i) a.v[i] = a.v[i] op b; return a; } \
+  ArrVec& operator op##=(const ArrVec& b) { for (int i = 0; i < CB; ++i) v[i] = v[i] op b.v[i]; return *this; }
+  CK_VOP(+) CK_VOP(-) CK_VOP(*) CK_VOP(/)
+#undef CK_VOP
+};
+
+#if defined(__GNUC__) && defined(__AVX2__)
+#define CK_NATIVE_F32 1
+#define CK_INLINE inline __attribute__((always_inline))
+typedef float VF __attribute__((vector_size(CB * sizeof(float))));
+typedef int32_t VI __attribute__((vector_size(CB * sizeof(float))));
+typedef uint32_t VU __attribute__((vector_size(CB * sizeof(float))));
+CK_INLINE VF splat(float s) { return VF{} + s; }
+CK_INLINE VF if_gt(VF x, float t, VF a, VF b) { return x > t ? a : b; }  // x > t ? a : b, per lane
+CK_INLINE VF if_lt(VF x, float t, VF a, VF b) { return x < t ? a : b; }
+#else
+#define CK_INLINE inline
+typedef ArrVec<float> VF;
+CK_INLINE VF splat(float s) { VF r; for (int i = 0; i < CB; ++i) r.v[i] = s; return r; }
+#endif
+typedef ArrVec<double> VD;
+CK_INLINE VD splat(double s) { VD r; for (int i = 0; i < CB; ++i) r.v[i] = s; return r; }
+template <typename Acc> CK_INLINE ArrVec<Acc> if_gt(ArrVec<Acc> x, Acc t, ArrVec<Acc> a, const ArrVec<Acc>& b) {
+  for (int i = 0; i < CB; ++i) a[i] = x[i] > t ? a[i] : b[i];
+  return a;
+}
+template <typename Acc> CK_INLINE ArrVec<Acc> if_lt(ArrVec<Acc> x, Acc t, ArrVec<Acc> a, const ArrVec<Acc>& b) {
+  for (int i = 0; i < CB; ++i) a[i] = x[i] < t ? a[i] : b[i];
+  return a;
+}
+
+template <typename Acc> struct LaneT;
+template <> struct LaneT<float> { typedef VF V; };
+template <> struct LaneT<double> { typedef VD V; };
+template <typename Acc> using Vec = typename LaneT<Acc>::V;
+
+template <typename Acc> CK_INLINE Vec<Acc> vload(const Acc* p) { Vec<Acc> v; std::memcpy(&v, p, sizeof(v)); return v; }
+template <typename Acc> CK_INLINE void vstore(Acc* p, const Vec<Acc>& v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp on the lanes. fp32: Cody-Waite range reduction and Cephes' degree-6 polynomial, branch-free
+// (within 2 ulp of expf; results below FLT_MIN flush to 0, above FLT_MAX give inf, NaN stays NaN).
+// fp64: libm, lane by lane (the fp64 path is for gradcheck, not speed).
+CK_INLINE VF vexp(VF x) {
   const float hi = 88.3762626647949f, lo = -87.3365447504019f;  // k = round(x log2 e) in [-126, 127]
-  float xc = x < lo ? lo : x;                                      // NaN passes through
-  xc = xc > hi ? hi : xc;
-  float kf = xc * 1.44269504088896341f + 12582912.0f;              // round to nearest (1.5 * 2^23)
-  kf -= 12582912.0f;
-  float r = xc - kf * 0.693359375f;                                // ln 2 split in two (Cody-Waite)
+  VF xc = if_lt(x, lo, splat(lo), x);                              // NaN passes through
+  xc = if_gt(xc, hi, splat(hi), xc);
+  VF kf = xc * 1.44269504088896341f + 12582912.0f;                 // round to nearest (1.5 * 2^23)
+  kf = kf - 12582912.0f;
+  VF r = xc - kf * 0.693359375f;                                   // ln 2 split in two (Cody-Waite)
   r = r + kf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  VF p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float e = p * (r * r) + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  float res = e * scale;
-  res = x < lo ? 0.0f : res;
-  res = x > 88.72283935546875f ? std::numeric_limits<float>::infinity() : res;
-  return res;
+  const VF e = p * (r * r) + r + 1.0f;
+  VF scale;  // 2^k from the exponent bits
+#if defined(CK_NATIVE_F32)
+  scale = (VF)(((VU)__builtin_convertvector(kf, VI) + 127u) << 23);
+#else
+  for (int i = 0; i < CB; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(kf[i]) + 127) << 23;
+    std::memcpy(&scale.v[i], &bits, 4);
+  }
+#endif
+  VF res = e * scale;
+  res = if_lt(x, lo, splat(0.0f), res);
+  return if_gt(x, 88.72283935546875f, splat(std::numeric_limits<float>::infinity()), res);
 }
-inline double fast_exp(double x) { return std::exp(x); }
+CK_INLINE Vec<double> vexp(Vec<double> x) {
+  for (int i = 0; i < CB; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
 
-// softplus with torch's threshold (x > 20 -> x), written as max(v, 0) + log1p(exp(-|v|)). fp32: log1p(e)
-// for e in (0, 1] by the atanh series 2s(1 + s^2/3 + ... + s^14/15), s = e / (2 + e) <= 1/3 (error
-// < 1e-8 relative), so the loop vectorises; fp64 uses libm.
-inline float softplus(float v) {
-  const float e = fast_exp(-std::fabs(v));
-  const float s = e / (2.0f + e), q = s * s;
-  float p = 1.0f / 15;
+// softplus with torch's threshold (v > 20 -> v), as max(v, 0) + log1p(exp(-|v|)). fp32: log1p(e)
+// for e in (0, 1] by the atanh series 2s(1 + s^2/3 + ... + s^14/15), s = e / (2 + e) <= 1/3
+// (error < 1e-8 relative); fp64: libm.
+CK_INLINE VF vsoftplus(VF v) {
+  const Vec<float> zero = splat(0.0f);
+  const Vec<float> e = vexp(if_lt(v, 0.0f, v, zero - v));  // exp(-|v|)
+  const Vec<float> pos = if_gt(v, 0.0f, v, zero);
+  const Vec<float> s = e / (e + 2.0f), q = s * s;
+  Vec<float> p = splat(1.0f / 15);
   p = p * q + 1.0f / 13;
   p = p * q + 1.0f / 11;
   p = p * q + 1.0f / 9;
@@ -76,11 +139,14 @@ inline float softplus(float v) {
   p = p * q + 1.0f / 5;
   p = p * q + 1.0f / 3;
   p = p * q + 1.0f;
-  const float r = (v > 0.0f ? v : 0.0f) + 2.0f * s * p;
-  return v > 20.0f ? v : r;
+  return if_gt(v, 20.0f, v, pos + s * p * 2.0f);
 }
-inline double softplus(double v) { return v > 20.0 ? v : std::log1p(std::exp(v)); }
-template <typename Acc> inline Acc sigmoid(Acc v) { return Acc(1) / (Acc(1) + fast_exp(-v)); }
+CK_INLINE Vec<double> vsoftplus(Vec<double> v) {
+  for (int i = 0; i < CB; ++i) v[i] = v[i] > 20.0 ? v[i] : std::log1p(std::exp(v[i]));
+  return v;
+}
+CK_INLINE Vec<float> vsigmoid(Vec<float> v) { return splat(1.0f) / (vexp(splat(0.0f) - v) + 1.0f); }
+CK_INLINE Vec<double> vsigmoid(Vec<double> v) { return splat(1.0) / (vexp(splat(0.0) - v) + 1.0); }
 
 // dst[t * ds] = (Acc) src[off + t * st] for t < T, src of dtype code `code`.
 template <typename Acc>
@@ -179,12 +245,12 @@ void load_varying(int64_t ptr, int64_t code, int64_t s0, int64_t s1, int64_t s2,
 // dt = softplus(delta + bias) or delta + bias, in place over a [T][CB] buffer; pre keeps delta + bias.
 template <typename Acc>
 void make_dt(Acc* db, Acc* pre, const Acc* bv, int64_t T, bool sp) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int c = 0; c < CB; ++c) {
-      const Acc v = db[t * CB + c] + bv[c];
-      if (pre) pre[t * CB + c] = v;
-      db[t * CB + c] = sp ? softplus(v) : v;
-    }
+  const Vec<Acc> b = vload(bv);
+  for (int64_t t = 0; t < T; ++t) {
+    const Vec<Acc> v = vload(db + t * CB) + b;
+    if (pre) vstore(pre + t * CB, v);
+    vstore(db + t * CB, sp ? vsoftplus(v) : v);
+  }
 }
 
 template <typename Acc>
@@ -222,7 +288,8 @@ void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
     Acc* nb = ob + K * CB;
     Acc* Bt = nb + K * CB;
     Acc* Ct = Bt + K * N;
-    alignas(64) Acc Dv[CB], bv[CB], du[CB], y[CB], s2[CB];
+    alignas(64) Acc Dv[CB], bv[CB];
+    using V = Vec<Acc>;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
       const Block k = block_of(task, g);
@@ -243,35 +310,24 @@ void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
         if (VB) load_varying(a.B, a.B_code, a.B_s0, a.B_s1, a.B_s2, a.B_s3, k.b, k.gb, N, t0, T, Bt);
         if (VC) load_varying(a.C, a.C_code, a.C_s0, a.C_s1, a.C_s2, a.C_s3, k.b, k.gc, N, t0, T, Ct);
         for (int64_t t = 0; t < T; ++t) {
-          const Acc* dtv = db + t * CB;
-          const Acc* uv = ub + t * CB;
-          for (int c = 0; c < CB; ++c) {
-            du[c] = dtv[c] * uv[c];
-            y[c] = 0;
-            s2[c] = 0;
-          }
+          const V dtv = vload(db + t * CB), uv = vload(ub + t * CB), du = dtv * uv;
+          V y = splat(Acc(0)), s2 = y;
           for (int64_t n = 0; n < N; ++n) {
-            const Acc bn = VB ? Bt[t * N + n] : Acc(0), cn = VC ? Ct[t * N + n] : Acc(0);
-            const Acc* An = Ab + n * CB;
-            const Acc* Bn = Bc + n * CB;
-            const Acc* Cn = Cc + n * CB;
-            Acc* xn = x + n * CB;
-            for (int c = 0; c < CB; ++c) {
-              const Acc xv = fast_exp(dtv[c] * An[c]) * xn[c] + du[c] * (VB ? bn : Bn[c]);
-              xn[c] = xv;
-              y[c] += xv * (VC ? cn : Cn[c]);
-              if (NORMS) s2[c] += xv * xv;
-            }
+            const V bv_ = VB ? splat(Bt[t * N + n]) : vload(Bc + n * CB);
+            const V cv = VC ? splat(Ct[t * N + n]) : vload(Cc + n * CB);
+            const V xv = vexp(dtv * vload(Ab + n * CB)) * vload(x + n * CB) + du * bv_;
+            vstore(x + n * CB, xv);
+            y += xv * cv;
+            if (NORMS) s2 += xv * xv;
           }
-          for (int c = 0; c < CB; ++c) {
-            Acc o = y[c] + Dv[c] * uv[c];
-            if (a.z) {
-              const Acc zv = zb[t * CB + c];
-              o *= zv * sigmoid(zv);
-            }
-            ob[t * CB + c] = o;
-            if (NORMS) nb[t * CB + c] = std::sqrt(s2[c]);
+          V o = y + vload(Dv) * uv;
+          if (a.z) {
+            const V zv = vload(zb + t * CB);
+            o *= zv * vsigmoid(zv);
           }
+          vstore(ob + t * CB, o);
+          if (NORMS)
+            for (int c = 0; c < CB; ++c) nb[t * CB + c] = std::sqrt(s2[c]);
         }
         store_chunk(out, ob, a, k, t0, T);
         if (NORMS) store_chunk(norms, nb, a, k, t0, T);
@@ -328,14 +384,15 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
     Acc* gzb = gdb + K * CB;
     Acc* Bt = gzb + K * CB + K * CB;
     Acc* Ct = Bt + K * N;
-    alignas(64) Acc Dv[CB], bv[CB], du[CB], y[CB], s2[CB], gy[CB], sc[CB], gu[CB], gdt[CB], gDv[CB];
+    alignas(64) Acc Dv[CB], bv[CB];
+    using V = Vec<Acc>;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
       const Block k = block_of(task, g);
       load_block_constants(a, k, Ab, Bc, Cc, Dv, bv);
       std::fill(h, h + NC, Acc(0));
       std::fill(gAa, gAa + 3 * NC, Acc(0));  // gAa, gBa, gCa
-      std::fill(gDv, gDv + CB, Acc(0));
+      V gDl = splat(Acc(0));
       if (glast)
         for (int64_t c = 0; c < k.nc; ++c)
           for (int64_t n = 0; n < N; ++n) h[n * CB + c] = glast[(k.b * a.dim + k.d0 + c) * N + n];
@@ -355,20 +412,12 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
         for (int64_t c = 0; c < k.nc; ++c)
           for (int64_t n = 0; n < N; ++n) xs[n * CB + c] = ckpt[((k.b * a.dim + k.d0 + c) * g.nck + ci) * N + n];
         for (int64_t t = 0; t < T; ++t) {
-          const Acc* dtv = db + t * CB;
-          for (int c = 0; c < CB; ++c) du[c] = dtv[c] * ub[t * CB + c];
+          const V dtv = vload(db + t * CB), du = dtv * vload(ub + t * CB);
           for (int64_t n = 0; n < N; ++n) {
-            const Acc bn = VB ? Bt[t * N + n] : Acc(0);
-            const Acc* An = Ab + n * CB;
-            const Acc* Bn = Bc + n * CB;
-            const Acc* xp = xs + t * NC + n * CB;
-            Acc* xo = xs + (t + 1) * NC + n * CB;
-            Acc* ao = as + t * NC + n * CB;
-            for (int c = 0; c < CB; ++c) {
-              const Acc av = fast_exp(dtv[c] * An[c]);
-              ao[c] = av;
-              xo[c] = av * xp[c] + du[c] * (VB ? bn : Bn[c]);
-            }
+            const V av = vexp(dtv * vload(Ab + n * CB));
+            vstore(as + t * NC + n * CB, av);
+            const V bv_ = VB ? splat(Bt[t * N + n]) : vload(Bc + n * CB);
+            vstore(xs + (t + 1) * NC + n * CB, av * vload(xs + t * NC + n * CB) + du * bv_);
           }
         }
         // reverse time through the chunk
@@ -376,65 +425,46 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
           const Acc* xt = xs + (t + 1) * NC;
           const Acc* xp = xs + t * NC;
           const Acc* at = as + t * NC;
-          const Acc* dtv = db + t * CB;
-          const Acc* uv = ub + t * CB;
-          for (int c = 0; c < CB; ++c) {
-            y[c] = 0;
-            s2[c] = 0;
-            du[c] = dtv[c] * uv[c];
-          }
-          for (int64_t n = 0; n < N; ++n) {
-            const Acc cn = VC ? Ct[t * N + n] : Acc(0);
-            const Acc* Cn = Cc + n * CB;
-            for (int c = 0; c < CB; ++c) {
-              const Acc xv = xt[n * CB + c];
-              if (has_z) y[c] += xv * (VC ? cn : Cn[c]);
-              if (GN) s2[c] += xv * xv;
+          const V dtv = vload(db + t * CB), uv = vload(ub + t * CB), du = dtv * uv, Dl = vload(Dv);
+          const V go = vload(gob + t * CB);
+          V gy = go, sc = splat(Acc(0));
+          if (has_z || GN) {
+            V y = splat(Acc(0)), s2 = y;
+            for (int64_t n = 0; n < N; ++n) {
+              const V xv = vload(xt + n * CB);
+              if (has_z) y += xv * (VC ? splat(Ct[t * N + n]) : vload(Cc + n * CB));
+              if (GN) s2 += xv * xv;
             }
-          }
-          for (int c = 0; c < CB; ++c) {
-            const Acc go = gob[t * CB + c];
             if (has_z) {
-              const Acc zv = zb[t * CB + c], sz = sigmoid(zv), yv = y[c] + Dv[c] * uv[c];
-              gy[c] = go * zv * sz;
-              gzb[t * CB + c] = go * yv * sz * (Acc(1) + zv * (Acc(1) - sz));
-            } else {
-              gy[c] = go;
+              const V zv = vload(zb + t * CB), sz = vsigmoid(zv), yv = y + Dl * uv;
+              gy = go * zv * sz;
+              vstore(gzb + t * CB, go * yv * sz * ((splat(Acc(1)) - sz) * zv + Acc(1)));
             }
-            gDv[c] += gy[c] * uv[c];
-            gu[c] = gy[c] * Dv[c];
-            gdt[c] = 0;
-            sc[c] = (GN && s2[c] > 0) ? gnb[t * CB + c] / std::sqrt(s2[c]) : Acc(0);
+            if (GN) {
+              const V gn = vload(gnb + t * CB);
+              for (int c = 0; c < CB; ++c) sc[c] = s2[c] > 0 ? gn[c] / std::sqrt(s2[c]) : Acc(0);
+            }
           }
+          gDl += gy * uv;
+          V gu = gy * Dl, gdt = splat(Acc(0));
           for (int64_t n = 0; n < N; ++n) {
-            const Acc bn = VB ? Bt[t * N + n] : Acc(0), cn = VC ? Ct[t * N + n] : Acc(0);
-            const Acc* An = Ab + n * CB;
-            const Acc* Bn = Bc + n * CB;
-            const Acc* Cn = Cc + n * CB;
-            const Acc* xtn = xt + n * CB;
-            const Acc* xpn = xp + n * CB;
-            const Acc* atn = at + n * CB;
-            Acc* hn = h + n * CB;
-            Acc* gAn = gAa + n * CB;
-            Acc* gBn = VB ? gBl + t * NC + n * CB : gBa + n * CB;
-            Acc* gCn = VC ? gCl + t * NC + n * CB : gCa + n * CB;
-            for (int c = 0; c < CB; ++c) {
-              Acc hv = hn[c] + gy[c] * (VC ? cn : Cn[c]);
-              if (GN) hv += sc[c] * xtn[c];
-              if (VC) gCn[c] = gy[c] * xtn[c]; else gCn[c] += gy[c] * xtn[c];
-              const Acc ga = hv * xpn[c] * atn[c];
-              const Acc hb = hv * (VB ? bn : Bn[c]);
-              gdt[c] += ga * An[c] + hb * uv[c];
-              gu[c] += hb * dtv[c];
-              gAn[c] += ga * dtv[c];
-              if (VB) gBn[c] = hv * du[c]; else gBn[c] += hv * du[c];
-              hn[c] = hv * atn[c];
-            }
+            const V cv = VC ? splat(Ct[t * N + n]) : vload(Cc + n * CB);
+            const V bv_ = VB ? splat(Bt[t * N + n]) : vload(Bc + n * CB);
+            const V xv = vload(xt + n * CB), av = vload(at + n * CB), An = vload(Ab + n * CB);
+            V hv = vload(h + n * CB) + gy * cv;
+            if (GN) hv += sc * xv;
+            const V gC = gy * xv, gB = hv * du;
+            if (VC) vstore(gCl + t * NC + n * CB, gC); else vstore(gCa + n * CB, vload(gCa + n * CB) + gC);
+            if (VB) vstore(gBl + t * NC + n * CB, gB); else vstore(gBa + n * CB, vload(gBa + n * CB) + gB);
+            const V ga = hv * vload(xp + n * CB) * av;
+            const V hb = hv * bv_;
+            gdt += ga * An + hb * uv;
+            gu += hb * dtv;
+            vstore(gAa + n * CB, vload(gAa + n * CB) + ga * dtv);
+            vstore(h + n * CB, hv * av);
           }
-          for (int c = 0; c < CB; ++c) {
-            gub[t * CB + c] = gu[c];
-            gdb[t * CB + c] = sp ? gdt[c] * sigmoid(pre[t * CB + c]) : gdt[c];
-          }
+          vstore(gub + t * CB, gu);
+          vstore(gdb + t * CB, sp ? gdt * vsigmoid(vload(pre + t * CB)) : gdt);
         }
         // lane sums of the time-varying B / C gradient terms: this block's share, (batch, nblk, N, L)
         for (int v = 0; v < 2; ++v) {
@@ -461,7 +491,7 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
           if (!VB) gB_o[bd * N + n] = gBa[n * CB + c];
           if (!VC) gC_o[bd * N + n] = gCa[n * CB + c];
         }
-        gD_o[bd] = gDv[c];
+        gD_o[bd] = gDl[c];
       }
     }
   }

@@ -21,7 +21,7 @@ from .. import _dispatch, _validate, reference
 # the backward recomputes the K states of one segment at a time. Read at call time (tests lower it).
 CHECKPOINT_STEPS = 64
 MAX_N = 256
-_LANES = 16  # channels per block of the C++ kernel (csrc/selective_scan.cpp, CB)
+_LANES = 8  # channels per block of the C++ kernel (csrc/selective_scan.cpp, CB)
 
 # Field order of SelectiveScanArgs in csrc/selective_scan.h.
 _ARG_FIELDS = (
