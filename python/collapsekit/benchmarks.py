@@ -231,7 +231,10 @@ register(_ncc_workload(5_000, 128, 1024, quick=True, full=False))
 
 def eager_selective_scan(u, delta, A, B, C, D, z, delta_bias):
     """What a user writes today, in the style of mamba-ssm's selective_scan_ref: the (batch, dim,
-    L, N) decays exp(dt A) and inputs dt B u built by einsum, then a Python loop over L."""
+    L, N) decays exp(dt A) and inputs dt B u built by einsum, then a Python loop over L. The
+    per-step readout <x_t, C_t> is a multiply-sum rather than selective_scan_ref's per-step einsum:
+    on the 2-core CPU the einsum (a bmm per step) made the loop 5x slower (3.2 s vs 0.6 s), and the
+    baseline should be the faster of the two."""
     dtype_in = u.dtype
     u, delta = u.float(), torch.nn.functional.softplus(delta.float() + delta_bias[:, None])
     dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
@@ -240,7 +243,7 @@ def eager_selective_scan(u, delta, A, B, C, D, z, delta_bias):
     ys = []
     for t in range(u.shape[2]):
         x = dA[:, :, t] * x + dBu[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, t].float()))
+        ys.append((x * C[:, None, :, t].float()).sum(-1))
     y = torch.stack(ys, 2) + u * D[:, None]
     return (y * torch.nn.functional.silu(z.float())).to(dtype_in)
 
