@@ -274,6 +274,9 @@ void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
   Acc* norms = reinterpret_cast<Acc*>(a.norms);
   Acc* ckpt = reinterpret_cast<Acc*>(a.ckpt);
   const Acc* init = reinterpret_cast<const Acc*>(a.init);
+  const size_t seq_bytes = static_cast<size_t>(a.batch * a.dim * L) * sizeof(Acc);
+  advise_huge_pages(out, seq_bytes);  // fresh outputs: fewer first-touch page faults (common.h)
+  if (norms) advise_huge_pages(norms, seq_bytes);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<Acc> ws(static_cast<size_t>(4 * N * CB + 5 * K * CB + 2 * K * N));
@@ -357,9 +360,19 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
   Acc* gC_o = reinterpret_cast<Acc*>(a.gC);
   Acc* gD_o = reinterpret_cast<Acc*>(a.gD);
   Acc* gi_o = reinterpret_cast<Acc*>(a.ginit);
+  Acc* gbias_o = reinterpret_cast<Acc*>(a.gbias);
   const bool sp = a.softplus != 0, has_z = a.z != 0;
+  const size_t seq_bytes = static_cast<size_t>(a.batch * a.dim * L) * sizeof(Acc);
+  for (Acc* p : {gu_o, gd_o, gz_o})
+    if (p) advise_huge_pages(p, seq_bytes);
+  // time-varying B / C gradients, (batch, G, N, L): each thread sums its blocks' lane totals into a
+  // private copy (small: G is 1 in Mamba), added to the zeroed output at the end
+  const int64_t nB = VB ? a.batch * a.b_groups * N * L : 0, nC = VC ? a.batch * a.c_groups * N * L : 0;
+  if (VB) std::fill(gB_o, gB_o + nB, Acc(0));
+  if (VC) std::fill(gC_o, gC_o + nC, Acc(0));
 #pragma omp parallel num_threads(nt)
   {
+    std::vector<Acc> accB(static_cast<size_t>(nB)), accC(static_cast<size_t>(nC));
     std::vector<Acc> ws(static_cast<size_t>((K + 1) * NC + K * NC + 7 * NC + 2 * (VB || VC ? K * NC : 0) +
                                             10 * K * CB + 2 * K * N));
     Acc* xs = ws.data();          // [K + 1][N][CB]: xs[0] the checkpoint, xs[t + 1] the state after step t
@@ -392,7 +405,7 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
       load_block_constants(a, k, Ab, Bc, Cc, Dv, bv);
       std::fill(h, h + NC, Acc(0));
       std::fill(gAa, gAa + 3 * NC, Acc(0));  // gAa, gBa, gCa
-      V gDl = splat(Acc(0));
+      V gDl = splat(Acc(0)), gbl = gDl;
       if (glast)
         for (int64_t c = 0; c < k.nc; ++c)
           for (int64_t n = 0; n < N; ++n) h[n * CB + c] = glast[(k.b * a.dim + k.d0 + c) * N + n];
@@ -466,19 +479,21 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
           vstore(gub + t * CB, gu);
           vstore(gdb + t * CB, sp ? gdt * vsigmoid(vload(pre + t * CB)) : gdt);
         }
-        // lane sums of the time-varying B / C gradient terms: this block's share, (batch, nblk, N, L)
+        // lane sums of the time-varying B / C gradient terms, added to this thread's copy
         for (int v = 0; v < 2; ++v) {
           if (v == 0 ? !VB : !VC) continue;
           const Acc* src = v == 0 ? gBl : gCl;
-          Acc* dst = (v == 0 ? gB_o : gC_o) + (k.b * g.nblk + k.j) * N * L + t0;
+          Acc* dst = v == 0 ? accB.data() + ((k.b * a.b_groups + k.gb) * N) * L + t0
+                            : accC.data() + ((k.b * a.c_groups + k.gc) * N) * L + t0;
           for (int64_t n = 0; n < N; ++n)
             for (int64_t t = 0; t < T; ++t) {
               const Acc* s = src + t * NC + n * CB;
               Acc acc = 0;
               for (int c = 0; c < CB; ++c) acc += s[c];
-              dst[n * L + t] = acc;
+              dst[n * L + t] += acc;
             }
         }
+        for (int64_t t = 0; t < T; ++t) gbl += vload(gdb + t * CB);
         store_chunk(gu_o, gub, a, k, t0, T);
         store_chunk(gd_o, gdb, a, k, t0, T);
         if (has_z) store_chunk(gz_o, gzb, a, k, t0, T);
@@ -492,7 +507,13 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
           if (!VC) gC_o[bd * N + n] = gCa[n * CB + c];
         }
         gD_o[bd] = gDl[c];
+        gbias_o[bd] = gbl[c];
       }
+    }
+#pragma omp critical
+    {
+      for (int64_t i = 0; i < nB; ++i) gB_o[i] += accB[i];
+      for (int64_t i = 0; i < nC; ++i) gC_o[i] += accC[i];
     }
   }
 }
@@ -544,7 +565,7 @@ void selective_scan_fwd(const std::vector<int64_t>& args) {
 void selective_scan_bwd(const std::vector<int64_t>& args) {
   const SelectiveScanArgs a = unpack(args, "selective_scan_bwd");
   const Geometry g = geometry(a, "selective_scan_bwd");
-  if (!a.ckpt || !a.gout || !a.gu || !a.gdelta || !a.gA || !a.gB || !a.gC || !a.gD || !a.ginit || (a.z && !a.gz))
+  if (!a.ckpt || !a.gout || !a.gu || !a.gdelta || !a.gA || !a.gB || !a.gC || !a.gD || !a.ginit || !a.gbias || (a.z && !a.gz))
     throw std::invalid_argument("collapsekit._C.selective_scan_bwd: missing pointer");
   if (a.gout_code < 0 || a.gout_code > 3) throw std::invalid_argument("collapsekit._C.selective_scan_bwd: bad gout dtype");
   dispatch(a, a.gnorms != 0, Backward{a, g});

@@ -19,7 +19,7 @@ struct SelectiveScanArgs {
   int64_t A, D, bias, init;                    // accumulation dtype, contiguous
   int64_t out, last, norms, ckpt;              // forward outputs (acc dtype, contiguous)
   int64_t gout, gout_code, gout_s0, gout_s1, gout_s2, glast, gnorms;  // backward inputs
-  int64_t gu, gdelta, gz, gA, gB, gC, gD, ginit;                      // backward outputs
+  int64_t gu, gdelta, gz, gA, gB, gC, gD, ginit, gbias;               // backward outputs
 };
 
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { \

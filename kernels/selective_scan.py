@@ -281,4 +281,4 @@ def backward(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, sof
         ONE_GROUP_B=B.dim() == 4 and dpg_b % bd == 0, ONE_GROUP_C=C.dim() == 4 and dpg_c % bd == 0,
         ACC=_acc(A), BLOCK_D=bd, BLOCK_N=bn, num_warps=nw)
     return gu, gdelta, gz, gA.sum(0), gB if B.dim() == 4 else gB.sum(0), gC if C.dim() == 4 else gC.sum(0), \
-        gD.sum(0), ginit
+        gD.sum(0), ginit, gdelta.sum((0, 2))

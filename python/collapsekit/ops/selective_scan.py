@@ -9,7 +9,6 @@ accumulation dtype (fp32, or fp64 when ``u`` is fp64). The registered forward re
 ``checkpoints`` are empty when not asked for. The backward recomputes states from the
 checkpoints, which hold the state every ``CHECKPOINT_STEPS`` steps.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -21,7 +20,6 @@ from .. import _dispatch, _validate, reference
 # the backward recomputes the K states of one segment at a time. Read at call time (tests lower it).
 CHECKPOINT_STEPS = 64
 MAX_N = 256
-_LANES = 8  # channels per block of the C++ kernel (csrc/selective_scan.cpp, CB)
 
 # Field order of SelectiveScanArgs in csrc/selective_scan.h.
 _ARG_FIELDS = (
@@ -35,7 +33,7 @@ _ARG_FIELDS = (
     "A", "D", "bias", "init",
     "out", "last", "norms", "ckpt",
     "gout", "gout_code", "gout_s0", "gout_s1", "gout_s2", "glast", "gnorms",
-    "gu", "gdelta", "gz", "gA", "gB", "gC", "gD", "ginit",
+    "gu", "gdelta", "gz", "gA", "gB", "gC", "gD", "ginit", "gbias",
 )
 
 
@@ -49,15 +47,6 @@ def _strided(name: str, t: Optional[Tensor]) -> dict:
     d = {name: t.data_ptr(), name + "_code": _dispatch.FLOAT_CODES[t.dtype]}
     d.update({f"{name}_s{i}": s for i, s in enumerate(t.stride())})
     return d
-
-
-def _geometry(dim: int, B: Tensor, C: Tensor) -> Tuple[int, int, int]:
-    """(seg, blocks per segment, blocks per batch row) of the C++ kernel's channel blocks."""
-    dpg_b = dim // B.shape[1] if B.dim() == 4 else dim
-    dpg_c = dim // C.shape[1] if C.dim() == 4 else dim
-    seg = math.gcd(dpg_b, dpg_c)
-    bps = -(-seg // _LANES)
-    return seg, bps, (dim // seg) * bps
 
 
 def _canonical(B: Tensor, C: Tensor) -> None:
@@ -112,38 +101,28 @@ def _fwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     return out, last, norms, ckpt
 
 
-def _reduce_blocks(part: Tensor, M: Tensor, dim: int, seg: int, bps: int) -> Tensor:
-    """C++ gradient of a time-varying B/C: per-block partials (batch, blocks, N, L) -> (batch, G, N, L)."""
-    batch, _, n, L = part.shape
-    per_seg = part.view(batch, dim // seg, bps, n, L).sum(2)
-    g = M.shape[1]
-    return per_seg.view(batch, g, (dim // seg) // g, n, L).sum(2)
-
-
 @torch.library.custom_op("collapsekit::selective_scan_bwd_cpp", mutates_args=())
 def _bwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
              delta_bias: Optional[Tensor], ckpt: Tensor, gout: Tensor, glast: Optional[Tensor],
              gnorms: Optional[Tensor], softplus: bool, chunk: int
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch, dim, L = u.shape
     n = A.shape[1]
     acc = A.dtype
-    seg, bps, nblk = _geometry(dim, B, C)
     new = lambda *s: torch.empty(*s, dtype=acc, device=u.device)
     gu, gdelta = new(batch, dim, L), new(batch, dim, L)
     gz = new(batch, dim, L) if z is not None else new(0)
-    gA, gD, ginit = new(batch, dim, n), new(batch, dim), new(batch, dim, n)
-    gB = new(batch, nblk, n, L) if B.dim() == 4 else new(batch, dim, n)
-    gC = new(batch, nblk, n, L) if C.dim() == 4 else new(batch, dim, n)
+    gA, gD, ginit, gbias = new(batch, dim, n), new(batch, dim), new(batch, dim, n), new(batch, dim)
+    gB = new(B.shape) if B.dim() == 4 else new(batch, dim, n)  # (batch, G, N, L): zeroed and summed in C++
+    gC = new(C.shape) if C.dim() == 4 else new(batch, dim, n)
     a = _base_args(u, delta, A, B, C, D, z, delta_bias, None, softplus, chunk)
     a.update(_strided("gout", gout))
     a.update(ckpt=ckpt.data_ptr(), glast=_ptr(glast), gnorms=_ptr(gnorms), gu=gu.data_ptr(),
              gdelta=gdelta.data_ptr(), gz=_ptr(gz), gA=gA.data_ptr(), gB=gB.data_ptr(), gC=gC.data_ptr(),
-             gD=gD.data_ptr(), ginit=ginit.data_ptr())
+             gD=gD.data_ptr(), ginit=ginit.data_ptr(), gbias=gbias.data_ptr())
     _call(_dispatch.cpp().selective_scan_bwd, a)
-    gB = _reduce_blocks(gB, B, dim, seg, bps) if B.dim() == 4 else gB.sum(0)
-    gC = _reduce_blocks(gC, C, dim, seg, bps) if C.dim() == 4 else gC.sum(0)
-    return gu, gdelta, gz, gA.sum(0), gB, gC, gD.sum(0), ginit
+    return (gu, gdelta, gz, gA.sum(0), gB if B.dim() == 4 else gB.sum(0), gC if C.dim() == 4 else gC.sum(0),
+            gD.sum(0), ginit, gbias.sum(0))
 
 
 def _fwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -161,7 +140,7 @@ def _fwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 def _bwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                      z: Optional[Tensor], delta_bias: Optional[Tensor], ckpt: Tensor, gout: Tensor,
                      glast: Optional[Tensor], gnorms: Optional[Tensor], softplus: bool, chunk: int
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import selective_scan as k
 
     _canonical(B, C)
@@ -184,7 +163,7 @@ def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, so
     batch, dim, L = u.shape
     new = lambda *s: u.new_empty(*s, dtype=A.dtype)
     return (new(batch, dim, L), new(batch, dim, L), new(batch, dim, L) if z is not None else new(0),
-            new(A.shape), new(B.shape), new(C.shape), new(dim), new(batch, dim, A.shape[1]))
+            new(A.shape), new(B.shape), new(C.shape), new(dim), new(batch, dim, A.shape[1]), new(dim))
 
 
 def _setup_context(ctx, inputs, output):
@@ -204,7 +183,7 @@ def _make_backward(bwd_op):
         gnorms = gnorms.to(A.dtype).contiguous() if gnorms is not None and gnorms.numel() else None
         glast = glast.to(A.dtype).contiguous() if glast is not None else None
         gout = gout if gout is not None else torch.zeros(u.shape, dtype=A.dtype, device=u.device)
-        gu, gdelta, gz, gA, gB, gC, gD, ginit = bwd_op(u, delta, A, B, C, D, z, delta_bias, ckpt, gout,
+        gu, gdelta, gz, gA, gB, gC, gD, ginit, gbias = bwd_op(u, delta, A, B, C, D, z, delta_bias, ckpt, gout,
                                                        glast, gnorms, ctx.softplus, ctx.chunk)
         need = ctx.needs_input_grad
         dt = ctx.dtypes
@@ -212,7 +191,7 @@ def _make_backward(bwd_op):
         return (cast(gu, 0), cast(gdelta, 1), cast(gA, 2), cast(gB, 3), cast(gC, 4),
                 gD.to(dt[5]) if D is not None and need[5] else None,
                 gz.to(dt[6]) if z is not None and need[6] else None,
-                gdelta.sum((0, 2)).to(dt[7]) if delta_bias is not None and need[7] else None,
+                gbias.to(dt[7]) if delta_bias is not None and need[7] else None,
                 ginit.to(dt[8]) if dt[8] is not None and need[8] else None,
                 None, None, None, None)
     return backward
