@@ -364,3 +364,22 @@ def test_bad_input():
             fn()
         assert msg in str(info.value), (msg, str(info.value))
         assert "selective_scan" in str(info.value)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("which", [1, 2], ids=["last_state_only", "state_norms_only"])
+def test_grads_through_one_extra_output(backend, device, which, monkeypatch):
+    """A loss on last_state or state_norms alone (out unused: its gradient is None)."""
+    monkeypatch.setattr(ss_mod, "CHECKPOINT_STEPS", 4)
+    batch, dim, L, n = dims(backend, device)
+    t = problem(batch, dim, L, n, device=device)
+    got, want = {}, {}
+    for fn, res in ((lambda *a, **k: ck.selective_scan(*a, **k, backend=backend), got), (ref.selective_scan, want)):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+        call(fn, leaves)[which].double().pow(2).sum().backward()
+        res.update({k: v.grad for k, v in leaves.items()})
+    for k in want:
+        if want[k] is None:  # z / D have no path to the state
+            assert got[k] is None or got[k].abs().max() == 0, k
+        else:
+            close(got[k], want[k], 1e-4, 1e-5)

@@ -169,6 +169,7 @@ def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, so
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, want_norms, save, chunk = inputs
     ckpt = output[3]
+    ctx.set_materialize_grads(False)  # unused outputs (checkpoints, often last_state/norms) get None, not zeros
     ctx.softplus, ctx.chunk, ctx.saved = softplus, chunk, save
     ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
