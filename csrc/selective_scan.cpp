@@ -274,9 +274,6 @@ void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
   Acc* norms = reinterpret_cast<Acc*>(a.norms);
   Acc* ckpt = reinterpret_cast<Acc*>(a.ckpt);
   const Acc* init = reinterpret_cast<const Acc*>(a.init);
-  const size_t seq_bytes = static_cast<size_t>(a.batch * a.dim * L) * sizeof(Acc);
-  advise_huge_pages(out, seq_bytes);  // fresh outputs: fewer first-touch page faults (common.h)
-  if (norms) advise_huge_pages(norms, seq_bytes);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<Acc> ws(static_cast<size_t>(4 * N * CB + 5 * K * CB + 2 * K * N));
@@ -362,9 +359,6 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
   Acc* gi_o = reinterpret_cast<Acc*>(a.ginit);
   Acc* gbias_o = reinterpret_cast<Acc*>(a.gbias);
   const bool sp = a.softplus != 0, has_z = a.z != 0;
-  const size_t seq_bytes = static_cast<size_t>(a.batch * a.dim * L) * sizeof(Acc);
-  for (Acc* p : {gu_o, gd_o, gz_o})
-    if (p) advise_huge_pages(p, seq_bytes);
   // time-varying B / C gradients, (batch, G, N, L): each thread sums its blocks' lane totals into a
   // private copy (small: G is 1 in Mamba), added to the zeroed output at the end
   const int64_t nB = VB ? a.batch * a.b_groups * N * L : 0, nC = VC ? a.batch * a.c_groups * N * L : 0;
