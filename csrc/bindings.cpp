@@ -16,6 +16,7 @@
 #include "nearest_center.h"
 #include "etf_logits.h"
 #include "ssd_scan.h"
+#include "selective_scan.h"
 
 namespace py = pybind11;
 using namespace collapsekit;
@@ -141,4 +142,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("args"), py::arg("dout"), py::arg("dout_strides"), py::arg("dfinal"), py::arg("dx"), py::arg("dz"),
         py::arg("ddt"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"), py::arg("dinit"),
         "SSD scan backward from the forward's chunk checkpoints (per-head dB/dC, per-(b, h) dA/dD)");
+  using s = void (*)(std::vector<int64_t>);
+  m.def("selective_scan_fwd", static_cast<s>(CK_DISPATCH(selective_scan_fwd)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"),
+        "Mamba-1 selective scan forward; args: the flat int64 list of SelectiveScanArgs (csrc/selective_scan.h)");
+  m.def("selective_scan_bwd", static_cast<s>(CK_DISPATCH(selective_scan_bwd)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"),
+        "Mamba-1 selective scan backward from checkpoints; args as selective_scan_fwd");
 }

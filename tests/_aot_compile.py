@@ -15,7 +15,7 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, ssd_scan, within_class
+from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, selective_scan, ssd_scan, within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -146,12 +146,46 @@ def ssd_scan_cases():
             ints_common + ["SLOTS"] + strides + ["gs0", "gs1", "gs2", "gs3"], {**consts, "HAS_GFINAL": flags}
 
 
+def selective_scan_cases():
+    """Forward and backward for each input dtype (u, delta, z, B, C share it here; the kernels convert
+    each load, so mixed dtypes compile the same code) and each B/C form and flag set that changes
+    the code: constant vs time-varying B/C, one group per block or not, z/D/bias/softplus/norms."""
+    ints_fwd = ["dim", "L", "N", "dpg_b", "dpg_c", "nck", "chunk", "su0", "su1", "su2", "sd0", "sd1", "sd2",
+                "sz0", "sz1", "sz2", "sb0", "sb1", "sb2", "sb3", "sc0", "sc1", "sc2", "sc3"]
+    ints_bwd = ints_fwd[:5] + ["g_b", "g_c", "nck", "chunk", "n_dblk"] + ints_fwd[7:] + ["sg0", "sg1", "sg2"]
+    elems, _nw = selective_scan.TILES["scan"]
+    for x, n_state in [("bf16", 16), ("fp16", 16), ("fp32", 16), ("fp64", 16), ("fp32", 256)]:  # N=256: the largest tile
+        acc = "fp64" if x == "fp64" else "fp32"
+        a = f"*{acc}"
+        bn = n_state
+        bd = max(2, min(64, elems // bn))
+        for var_b, var_c, flags in [(True, True, True), (False, False, False), (True, False, True), (False, True, False)]:
+            mat = lambda var: f"*{x}" if var else "*fp32"
+            fwd_ptrs = {"u_ptr": f"*{x}", "delta_ptr": f"*{x}", "z_ptr": f"*{x}", "A_ptr": a, "B_ptr": mat(var_b),
+                        "C_ptr": mat(var_c), "D_ptr": a, "bias_ptr": a, "init_ptr": a, "out_ptr": a, "last_ptr": a,
+                        "norms_ptr": a, "ckpt_ptr": a}
+            yield f"selective_scan.fwd[{x}, N={n_state}, varB={var_b}, varC={var_c}, flags={flags}]", \
+                selective_scan.selective_scan_fwd_kernel, fwd_ptrs, ints_fwd, \
+                {"HAS_Z": flags, "HAS_D": flags, "HAS_BIAS": flags, "HAS_INIT": flags, "SOFTPLUS": flags,
+                 "NORMS": flags, "CKPT": True, "ACC": DTYPES[acc], "BLOCK_D": bd, "BLOCK_N": bn}
+            bwd_ptrs = {k: v for k, v in fwd_ptrs.items() if k not in ("init_ptr", "out_ptr", "last_ptr", "norms_ptr")}
+            bwd_ptrs.update({"gout_ptr": a, "glast_ptr": a, "gnorms_ptr": a, "xs_ptr": a, "gu_ptr": a,
+                             "gdelta_ptr": a, "gz_ptr": a, "gA_ptr": a, "gB_ptr": a, "gC_ptr": a, "gD_ptr": a,
+                             "ginit_ptr": a})
+            for one_group in ([True, False] if (var_b or var_c) else [False]):
+                yield f"selective_scan.bwd[{x}, N={n_state}, varB={var_b}, varC={var_c}, flags={flags}, " \
+                      f"one_group={one_group}]", selective_scan.selective_scan_bwd_kernel, bwd_ptrs, ints_bwd, \
+                    {"HAS_Z": flags, "HAS_D": flags, "HAS_BIAS": flags, "SOFTPLUS": flags, "HAS_GLAST": flags,
+                     "HAS_GNORMS": flags, "VAR_B": var_b, "VAR_C": var_c, "ONE_GROUP_B": var_b and one_group,
+                     "ONE_GROUP_C": var_c and one_group, "ACC": DTYPES[acc], "BLOCK_D": bd, "BLOCK_N": bn}
+
+
 def main():
     failures = 0
     count = 0
     for target in TARGETS:
         for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases(),
-                                                          etf_logits_cases(), ssd_scan_cases()):
+                                                          etf_logits_cases(), ssd_scan_cases(), selective_scan_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)

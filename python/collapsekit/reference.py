@@ -171,4 +171,56 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, ini
         out.append(H)
     if return_state_norms:
         out.append(torch.stack(norms, 1) if norms else X.new_zeros(b, 0, h))
+def _scan_matrix_at(M: torch.Tensor, t: int, batch: int, dim: int) -> torch.Tensor:
+    """B or C at step t as [batch or 1, dim, N] fp64: (dim, N) constant, (batch, N, L) variable,
+    (batch, G, N, L) grouped (channel d uses group d // (dim // G))."""
+    if M.dim() == 2:
+        return M.double()[None]
+    if M.dim() == 3:
+        return M[:, None, :, t].double().expand(batch, dim, M.shape[1])
+    g = M.shape[1]
+    return M[:, :, :, t].double().repeat_interleave(dim // g, dim=1)
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, initial_state: Optional[torch.Tensor] = None,
+                   return_state_norms: bool = False):
+    """Mamba-1 selective scan, one time step at a time, in fp64 (DESIGN.md, selective_scan):
+
+        dt_t = softplus(delta_t + delta_bias) (or without softplus)
+        x_t  = exp(dt_t * A) * x_{t-1} + dt_t * B_t * u_t,   x_{-1} = initial_state or 0
+        y_t  = sum_n x_t[:, n] C_t[:, n] + D u_t;   out = y * silu(z) if z is given
+
+    Returns fp64 ``out`` (batch, dim, L), then ``last_state`` (batch, dim, N) if return_last_state,
+    then ``state_norms`` (batch, dim, L) = ||x_t[d, :]|| if return_state_norms. Differentiable in
+    every floating input (autograd through the loop: the tests' gradient ground truth)."""
+    batch, dim, L = u.shape
+    uu = u.double()
+    dt = delta.double()
+    if delta_bias is not None:
+        dt = dt + delta_bias.double()[:, None]
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    Ad = A.double()
+    x = (initial_state.double() if initial_state is not None
+         else torch.zeros(batch, dim, A.shape[1], dtype=torch.float64, device=u.device))
+    ys, norms = [], []
+    for t in range(L):
+        Bt = _scan_matrix_at(B, t, batch, dim)
+        Ct = _scan_matrix_at(C, t, batch, dim)
+        x = torch.exp(dt[:, :, t, None] * Ad) * x + (dt[:, :, t] * uu[:, :, t])[:, :, None] * Bt
+        ys.append((x * Ct).sum(-1))
+        norms.append(torch.linalg.vector_norm(x, dim=-1))
+    y = torch.stack(ys, -1) if L else uu.new_zeros(batch, dim, 0)
+    if D is not None:
+        y = y + D.double()[:, None] * uu
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.double())
+    out = [y]
+    if return_last_state:
+        out.append(x)
+    if return_state_norms:
+        out.append(torch.stack(norms, -1) if L else uu.new_zeros(batch, dim, 0))
     return out[0] if len(out) == 1 else tuple(out)
