@@ -355,6 +355,9 @@ register(_ssd_workload(8, 8192, 32, 64, 1, 128, torch.bfloat16, ("cuda",), loop=
 register(_ssd_workload(8, 8192, 32, 64, 1, 128, torch.bfloat16, ("cuda",), backward=True, loop=False))
 register(_ssd_workload(1, 130, 4, 16, 2, 16, torch.float32, ("cpu", "cuda"), quick=True, full=False))
 register(_ssd_workload(1, 130, 4, 16, 2, 16, torch.float32, ("cpu", "cuda"), backward=True, quick=True, full=False))
+
+
+# ------------------------------------------------------------------------------------------------
 # selective_scan (Mamba-1, issue 6)
 # ------------------------------------------------------------------------------------------------
 

@@ -171,6 +171,9 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, ini
         out.append(H)
     if return_state_norms:
         out.append(torch.stack(norms, 1) if norms else X.new_zeros(b, 0, h))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def _scan_matrix_at(M: torch.Tensor, t: int, batch: int, dim: int) -> torch.Tensor:
     """B or C at step t as [batch or 1, dim, N] fp64: (dim, N) constant, (batch, N, L) variable,
     (batch, G, N, L) grouped (channel d uses group d // (dim // G))."""
