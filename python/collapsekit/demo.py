@@ -211,19 +211,22 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str = "") -> None:
     ep = [r["epoch"] for r in rows]
     zero = next((r["epoch"] for r in rows if r["train_error"] == 0), None)
     panels = [
-        ("train_error", "train error", True),
+        ("train_error", "train error", "symlog"),
         ("nc1", "NC1  Tr(Σ_W Σ_B⁺)/K", True),
         ("cdnv", "CDNV", True),
         ("etf_error", "NC2  ETF error", True),
         ("nc2_equinorm", "NC2  equinorm (std/mean ‖μ̃_c‖)", True),
         ("nc3", "NC3  ‖W/‖W‖ − M̃/‖M̃‖‖²", True),
-        ("nc4", "NC4  NCC ≠ classifier", False),
+        ("nc4", "NC4  NCC ≠ classifier", "symlog"),
         ("nc3_cos", "NC3  mean cos(w_c, μ̃_c)", False),
     ]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (key, label, log) in zip(axes.flat, panels):
         vals = [r.get(key, float("nan")) for r in rows]
-        if log:
+        if log == "symlog":  # fractions that reach exactly 0: linear below one sample in 1000
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylim(bottom=0)
+        elif log:
             # zeros cannot go on a log axis: show them at the floor of the positive values
             pos = [v for v in vals if v > 0]
             floor = min(pos) / 2 if pos else 1e-6
