@@ -123,7 +123,7 @@ def run(*, epochs: int = 150, classes: int = 10, dim: int = 128, seed: int = 0, 
                         ("input_dim", input_dim, 1), ("width", width, 1), ("batch_size", batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"demo: {name} must be an int >= {lo}, got {v!r}")
-    if every is not None and (not isinstance(every, int) or every < 1):
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"demo: every must be an int >= 1, got {every!r}")
     if loss_fn not in ("ce", "mse"):
         raise ValueError(f"demo: loss_fn must be 'ce' or 'mse', got {loss_fn!r}")
@@ -150,7 +150,6 @@ def run(*, epochs: int = 150, classes: int = 10, dim: int = 128, seed: int = 0, 
 
 def _train(epochs, classes, dim, seed, dev, per_class, input_dim, width, every, lr, weight_decay, batch_size,
            noise, blobs, batchnorm, loss_fn, echo):
-
     x, y = make_dataset(classes, input_dim, per_class, seed=seed, noise=noise, blobs=blobs)
     x, y = x.to(dev), y.to(dev)
     torch.manual_seed(seed)
@@ -187,6 +186,8 @@ def _train(epochs, classes, dim, seed, dev, per_class, input_dim, width, every, 
         perm = torch.randperm(x.shape[0], generator=g).to(dev)
         for i in range(0, x.shape[0], batch_size):
             idx = perm[i:i + batch_size]
+            if batchnorm and idx.numel() < 2:  # BatchNorm cannot train on a batch of one
+                continue
             out = model(x[idx])
             if loss_fn == "mse":
                 loss = torch.nn.functional.mse_loss(out, torch.nn.functional.one_hot(y[idx], classes).to(out.dtype)) * classes
