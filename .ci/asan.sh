@@ -52,7 +52,7 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
 CANARY='import torch, collapsekit._C as C
 h = torch.ones(4, 4); out = torch.empty(5, 4)
 C.normalize_rows(h.data_ptr(), 0, 5, 4, 4, 1, 1e-12, 1.0, out.data_ptr(), 0, 1)'
-if (LD_PRELOAD="$PRELOAD" PYTHONMALLOC=malloc python -c "$CANARY") 2>/tmp/collapsekit-asan-canary.log; then
+if (LD_PRELOAD="$PRELOAD" PYTHONMALLOC=malloc python -c "$CANARY"; exit $?) 2>/tmp/collapsekit-asan-canary.log; then
   echo "asan.sh: the canary out-of-bounds read was NOT detected; ASan is not working" >&2
   exit 1
 fi
