@@ -158,6 +158,9 @@ def test_analyze_without_classifier_and_extra_classes(tmp_path):
     assert m["nc1"] == pytest.approx(ref["nc1"], rel=1e-9)
     assert "nc3" not in m and "nc4" not in m
     assert m["per_class"]["counts"][5:].tolist() == [0, 0, 0]
+    table = an.format_table(m)
+    assert "C=8 (5 present)" in table and "not computed: nc3, nc3_cos, unc3, nc4" in table
+    assert "\nnc1 " in table and "\nnc3 " not in table
 
 
 def test_analyze_npz_stored_member_is_memory_mapped(tmp_path):

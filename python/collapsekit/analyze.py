@@ -403,10 +403,10 @@ def format_table(m: Dict[str, Any]) -> str:
     missing = [k for k, _, _ in _DESCRIPTIONS if k not in m]
     if missing:
         why = []
-        if "nc3" in missing:
+        if "weight_norms" not in pc:
             why.append("nc3/nc3_cos/unc3/nc4 need the classifier 'weight' in the file")
-        if "cdnv" in missing:
-            why.append("pairwise metrics need at least 2 present classes")
+        if m["num_present"] < 2:
+            why.append("the class-geometry metrics need at least 2 present classes")
         lines.append("not computed: " + ", ".join(missing) + (f" ({'; '.join(why)})" if why else ""))
     return "\n".join(lines)
 
