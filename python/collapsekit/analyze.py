@@ -457,6 +457,12 @@ def plot(m: Dict[str, Any], path: str) -> None:
 
 def main(args) -> int:
     """The ``collapsekit analyze`` subcommand: errors are one line on stderr and exit status 2."""
+    if args.plot:  # fail before a long pass over a big file, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("collapsekit analyze: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
     try:
         m = analyze(args.file, num_classes=args.num_classes, batch_size=args.batch_size, device=args.device,
                     features_key=args.features_key, labels_key=args.labels_key, weight_key=args.weight_key,
@@ -479,9 +485,6 @@ def main(args) -> int:
     if args.plot:
         try:
             plot(m, args.plot)
-        except ImportError:
-            print(f"collapsekit analyze: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return 2
         except OSError as e:
             print(f"collapsekit analyze: error: --plot {args.plot}: {e}", file=sys.stderr)
             return 2
