@@ -30,8 +30,8 @@ def test_demo_rows_show_collapse():
             assert key in r and math.isfinite(r[key]), (key, r.get(key))
         assert r["num_present"] == 4 and 0 <= r["train_error"] <= 1 and 0 <= r["nc4"] <= 1
     first, last = rows[0], rows[-1]
-    assert last["train_error"] < first["train_error"] / 2
-    assert last["nc1"] < first["nc1"] / 3, [r["nc1"] for r in rows]
+    assert first["train_error"] > 0.5 and last["train_error"] == 0  # seeds 1-4 all reach 0 by epoch 30
+    assert last["nc1"] < first["nc1"] / 30, [r["nc1"] for r in rows]  # seeds 1-4: 125x-360x
     assert last["nc3_cos"] > first["nc3_cos"] + 0.3
 
 
