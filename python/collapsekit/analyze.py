@@ -257,6 +257,7 @@ _INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@torch.no_grad()  # saved tensors may carry requires_grad: never build a graph over a whole file
 def analyze(path: str, *, num_classes: Optional[int] = None, batch_size: int = 65536, device: str = "cpu",
             features_key: str = "features", labels_key: str = "labels", weight_key: str = "weight",
             bias_key: str = "bias") -> Dict[str, Any]:
