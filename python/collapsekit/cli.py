@@ -13,12 +13,44 @@ def main(argv=None) -> int:
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     b.add_argument("--reps", type=int, default=None, help="repetitions per provider (median reported)")
     b.add_argument("--op", default=None, help="only workloads of this op")
+    d = sub.add_parser("demo", help="train a small MLP on a built-in synthetic task past zero error and watch "
+                                     "neural collapse happen (CPU, about 10-30 s)")
+    d.add_argument("--epochs", type=int, default=150, help="training epochs (default 150)")
+    d.add_argument("--classes", type=int, default=10, help="number of classes C (default 10)")
+    d.add_argument("--dim", type=int, default=128, help="width D of the penultimate layer, the features measured (default 128)")
+    d.add_argument("--per-class", type=int, default=300, help="training samples per class (default 300)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the batch order (default 0)")
+    d.add_argument("--every", type=int, default=None, help="measure every N epochs (default: epochs // 15)")
+    d.add_argument("--loss", default="ce", choices=["ce", "mse"], help="training loss (default ce)")
+    d.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    d.add_argument("--threads", type=int, default=None, help="CPU threads for training (default 1; see docs/demo.md)")
+    d.add_argument("--out", default="collapse.png", help="the figure (default collapse.png; '' for none)")
+    a = sub.add_parser("analyze", help="measure neural collapse of saved features (.pt, .npz, .safetensors)")
+    a.add_argument("file", help="a .pt, .npz or .safetensors file with features [N, D] and labels [N] "
+                                "(optionally weight [C, D] and bias [C])")
+    a.add_argument("--num-classes", type=int, default=None, help="C (default: max label + 1, or weight's rows)")
+    a.add_argument("--batch-size", type=int, default=65536, help="rows per streamed batch (default 65536)")
+    a.add_argument("--features-key", default="features", help="name of the features array (default features)")
+    a.add_argument("--labels-key", default="labels", help="name of the labels array (default labels)")
+    a.add_argument("--weight-key", default="weight", help="name of the classifier weight, if any (default weight)")
+    a.add_argument("--bias-key", default="bias", help="name of the classifier bias, if any (default bias)")
+    a.add_argument("--device", default="cpu", help="where the batches are measured (default cpu)")
+    a.add_argument("--json", metavar="PATH", help="write the metrics (and per-class arrays) as JSON")
+    a.add_argument("--plot", metavar="PATH", help="write the per-class figure (mean norm and variance vs class count)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         from . import benchmarks
 
         benchmarks.run(device=args.device, quick=args.quick, json_path=args.json,
                        compile_baselines=not args.no_compile, reps=args.reps, op=args.op)
+    elif args.command == "demo":
+        from . import demo
+
+        return demo.main(args)
+    elif args.command == "analyze":
+        from . import analyze
+
+        return analyze.main(args)
     return 0
 
 
