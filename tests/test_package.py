@@ -38,9 +38,9 @@ def test_ci_runs_the_readme_commands():
     readme = (root / "README.md").read_text()
     ci = (root / ".ci" / "run").read_text()
     test_cmd = 'pip install torch==2.13.0 && pip install ".[test]" && pytest'
-    bench_cmd = "pip install torch==2.13.0 && pip install . && collapsekit bench"
-    assert test_cmd in readme and bench_cmd in readme
-    assert test_cmd in ci and "collapsekit bench --quick" in ci
+    main_cmd = 'pip install torch==2.13.0 && pip install ".[cli]" && collapsekit demo && collapsekit bench'
+    assert test_cmd in readme and main_cmd in readme
+    assert test_cmd in ci and "collapsekit bench --quick" in ci and "collapsekit demo" in ci
 
 
 def test_readme_usage_example_runs():
