@@ -171,3 +171,25 @@ def test_ssd_scan_cpp_matches_reference(b, l, h, p, n, gsel, chunk, opts, dtype,
     for a, w in zip(got, want):
         assert a.shape == w.shape
         assert_close(a, w, dtype, scale=max(1.0, float(w.abs().max()) if w.numel() else 1.0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), d=st.integers(1, 9), c=st.sampled_from([1, 2, 5, 40, 100_000]),
+       one_class=st.booleans(), classifier=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_collapse_metrics_match_the_literal_formulas(n, d, c, one_class, classifier, seed):
+    """Huge C with few samples (most classes absent), all-one-class and C = 1 included: the tiled
+    metrics equal DESIGN.md's formulas written out with full grids, key for key."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g, dtype=torch.float64)
+    labels = torch.full((n,), c - 1) if one_class else torch.randint(0, c, (n,), generator=g)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64) if classifier else None
+    got = ck.collapse_metrics(feats, labels, c, weight=w)
+    want = ref.collapse_metrics(feats, labels, c, weight=w)
+    keys = set(got) - {"per_class", "num_present"}
+    assert keys == set(want), (keys, set(want))
+    for k in keys:
+        a, b_ = got[k], want[k]
+        if b_ != b_:  # NaN (e.g. coincident means): both must say so
+            assert a != a
+        else:
+            assert abs(a - b_) <= 1e-6 * max(1.0, abs(b_)), (k, a, b_)

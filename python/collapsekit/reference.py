@@ -95,6 +95,13 @@ def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     sigma_w = within_class_covariance(features, labels, means, weights) / n.sum()
     sigma_b = mt.t() @ mt / k
     out = {}
+    if k < 2:  # one present class: no between-class geometry; only the classifier agreement is defined
+        if weight is not None:
+            logits = h @ weight.double().t() + (0 if bias is None else bias.double())
+            out["nc4"] = float((present.nonzero()[0, 0] != logits.argmax(1)).double().mean()) if k else None
+            if k == 0:
+                del out["nc4"]
+        return out
     out["nc1"] = float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, rtol=1e-10, hermitian=True))) / k
     out["nc1_quotient"] = float(torch.trace(sigma_w) / torch.trace(sigma_b))
     iu = torch.triu_indices(k, k, 1)
