@@ -163,6 +163,15 @@ void load_seq(int64_t ptr, int64_t code, int64_t off, int64_t st, int64_t T, Acc
   }
 }
 
+// Threads for a call: at most one per task, and one for small problems (under 2^18 state
+// updates, ~0.3 ms of work): a parallel region costs a thread wake-up, which on a busy machine
+// can be a scheduler time slice (measured: 12 ms instead of 0.1 ms per call on the shared 2-core VM).
+int team(const SelectiveScanArgs& a, int64_t ntasks) {
+  int64_t nt = std::min<int64_t>(clamp_threads(static_cast<int>(a.num_threads)), ntasks);
+  if (a.batch * a.dim * a.L * a.N < (int64_t(1) << 18)) nt = 1;
+  return static_cast<int>(std::max<int64_t>(1, nt));
+}
+
 struct Geometry {
   int64_t dpgB, dpgC;  // channels per B / C group (dim when constant)
   int64_t seg;         // channels per segment: a segment lies inside one B group and one C group
@@ -268,7 +277,7 @@ template <typename Acc, bool VB, bool VC, bool NORMS>
 void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
   const int64_t N = a.N, L = a.L, K = std::min(a.chunk, a.L);
   const int64_t ntasks = a.batch * g.nblk;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(clamp_threads(int(a.num_threads)), ntasks)));
+  const int nt = team(a, ntasks);
   Acc* out = reinterpret_cast<Acc*>(a.out);
   Acc* last = reinterpret_cast<Acc*>(a.last);
   Acc* norms = reinterpret_cast<Acc*>(a.norms);
@@ -345,7 +354,7 @@ template <typename Acc, bool VB, bool VC, bool GN>
 void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
   const int64_t N = a.N, L = a.L, K = std::min(a.chunk, a.L), NC = N * CB;
   const int64_t ntasks = a.batch * g.nblk;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(clamp_threads(int(a.num_threads)), ntasks)));
+  const int nt = team(a, ntasks);
   const Acc* ckpt = reinterpret_cast<const Acc*>(a.ckpt);
   const Acc* glast = reinterpret_cast<const Acc*>(a.glast);
   const Acc* gnorms = reinterpret_cast<const Acc*>(a.gnorms);

@@ -383,3 +383,17 @@ def test_grads_through_one_extra_output(backend, device, which, monkeypatch):
             assert got[k] is None or got[k].abs().max() == 0, k
         else:
             close(got[k], want[k], 1e-4, 1e-5)
+
+
+def test_threads_large_enough_problem(monkeypatch):
+    """Above 2^18 state updates the C++ kernels use several threads (smaller problems run on one):
+    per-thread B/C gradient copies and their final sum must still match the reference."""
+    monkeypatch.setattr(ss_mod, "CHECKPOINT_STEPS", 16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        t = problem(2, 64, 130, 16, "variable", "grouped", groups=(1, 4))
+        assert 2 * 64 * 130 * 16 >= 1 << 18
+        check_grads("cpp", "cpu", t)
+    finally:
+        torch.set_num_threads(old)
