@@ -26,10 +26,15 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "selective_scan.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace collapsekit {
 namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeLists.txt
@@ -236,12 +241,45 @@ void load_block_constants(const SelectiveScanArgs& a, const Block& k, Acc* Ab, A
   }
 }
 
+#if defined(__AVX2__)
+// dst[j * ds + i] = src[i * ss + j] for an 8 x 8 block of fp32 (unpack, shuffle, 128-bit permute)
+inline void transpose8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
 // Chunk [t0, t0 + T) of a (batch, dim, L) input into buf[t][c] (zeros in unused lanes).
 template <typename Acc>
 void load_chunk(int64_t ptr, int64_t code, int64_t s0, int64_t s1, int64_t s2, const Block& k, int64_t t0,
                 int64_t T, Acc* buf) {
-  if (k.nc < CB) std::fill(buf, buf + T * CB, Acc(0));
-  for (int64_t c = 0; c < k.nc; ++c) load_seq(ptr, code, k.b * s0 + (k.d0 + c) * s1 + t0 * s2, s2, T, buf + c, CB);
+  int64_t done = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Acc, float> && CB == 8) {
+    if (code == F32 && s2 == 1 && k.nc == CB) {  // fp32, unit stride in time: 8 x 8 register transposes
+      const float* p = reinterpret_cast<const float*>(ptr) + k.b * s0 + k.d0 * s1 + t0;
+      for (; done + 8 <= T; done += 8) transpose8(p + done, s1, buf + done * CB, CB);
+    }
+  }
+#endif
+  if (done == T) return;
+  if (k.nc < CB) std::fill(buf + done * CB, buf + T * CB, Acc(0));
+  for (int64_t c = 0; c < k.nc; ++c)
+    load_seq(ptr, code, k.b * s0 + (k.d0 + c) * s1 + (t0 + done) * s2, s2, T - done, buf + done * CB + c, CB);
 }
 
 // Time-varying B or C of the block's group for steps [t0, t0 + T) into buf[t][n].
@@ -264,9 +302,17 @@ void make_dt(Acc* db, Acc* pre, const Acc* bv, int64_t T, bool sp) {
 
 template <typename Acc>
 void store_chunk(Acc* dst, const Acc* buf, const SelectiveScanArgs& a, const Block& k, int64_t t0, int64_t T) {
+  int64_t done = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Acc, float> && CB == 8) {
+    if (k.nc == CB)
+      for (; done + 8 <= T; done += 8)
+        transpose8(buf + done * CB, CB, dst + (k.b * a.dim + k.d0) * a.L + t0 + done, a.L);
+  }
+#endif
   for (int64_t c = 0; c < k.nc; ++c) {
     Acc* o = dst + (k.b * a.dim + k.d0 + c) * a.L + t0;
-    for (int64_t t = 0; t < T; ++t) o[t] = buf[t * CB + c];
+    for (int64_t t = done; t < T; ++t) o[t] = buf[t * CB + c];
   }
 }
 
