@@ -397,3 +397,18 @@ def test_threads_large_enough_problem(monkeypatch):
         check_grads("cpp", "cpu", t)
     finally:
         torch.set_num_threads(old)
+
+
+def test_registered_op_rejects_what_the_kernels_cannot_index():
+    t = problem(2, 8, 6, 3)
+    B4, C4 = t["B"].unsqueeze(1), t["C"].unsqueeze(1)
+    base = [t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"], t["initial_state"], True, False,
+            False, 4]
+    ops = [ss_mod._fwd_cpp] + ([ss_mod._fwd_triton] if HAS_TRITON else [])
+    for i, bad in [(1, t["delta"][..., :5]), (2, t["A"].t().contiguous().t()), (3, t["B"]), (4, C4[..., :5]),
+                   (5, t["D"].double()), (8, t["initial_state"][:1]), (12, 0)]:
+        args = list(base)
+        args[i] = bad
+        for op in ops:
+            with pytest.raises(ValueError, match="selective_scan"):
+                op(*args)
