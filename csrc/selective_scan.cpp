@@ -12,7 +12,7 @@
 // converted once); nothing of size (batch, dim, L, N) exists.
 //
 // exp(dt*A) -- N exponentials per channel and step, the bulk of the work -- uses vexp: Cody-Waite
-// range reduction and Cephes' degree-6 polynomial, branch-free on whole lane vectors; within 2 ulp
+// range reduction and Cephes' degree-6 polynomial, branch-free on whole lane vectors; within 1 ulp
 // of expf (results below FLT_MIN flush to 0). fp64 inputs use std::exp.
 //
 // Backward: the forward stores the state every CHUNK steps (ckpt, (batch, dim, ceil(L/CHUNK), N)).
@@ -26,10 +26,15 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "selective_scan.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace collapsekit {
 namespace COLLAPSEKIT_ISA {  // compiled once per instruction set; see CMakeLists.txt
@@ -88,10 +93,13 @@ template <typename Acc> CK_INLINE Vec<Acc> vload(const Acc* p) { Vec<Acc> v; std
 template <typename Acc> CK_INLINE void vstore(Acc* p, const Vec<Acc>& v) { std::memcpy(p, &v, sizeof(v)); }
 
 // exp on the lanes. fp32: Cody-Waite range reduction and Cephes' degree-6 polynomial, branch-free
-// (within 2 ulp of expf; results below FLT_MIN flush to 0, above FLT_MAX give inf, NaN stays NaN).
+// (within 1 ulp of exp over the normal range, tested; results below FLT_MIN flush to 0, above
+// FLT_MAX give inf, NaN stays NaN).
 // fp64: libm, lane by lane (the fp64 path is for gradcheck, not speed).
 CK_INLINE VF vexp(VF x) {
-  const float hi = 88.3762626647949f, lo = -87.3365447504019f;  // k = round(x log2 e) in [-126, 127]
+  // lo: exp(lo) = FLT_MIN; hi: exp(hi) = FLT_MAX. k = round(x log2 e) lies in [-126, 128]; 2^k is
+  // built from exponent bits as 2^min(k, 127) times 1 or 2, so k = 128 needs no special case.
+  const float hi = 88.72283935546875f, lo = -87.3365447504019f;
   VF xc = if_lt(x, lo, splat(lo), x);                              // NaN passes through
   xc = if_gt(xc, hi, splat(hi), xc);
   VF kf = xc * 1.44269504088896341f + 12582912.0f;                 // round to nearest (1.5 * 2^23)
@@ -105,18 +113,19 @@ CK_INLINE VF vexp(VF x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const VF e = p * (r * r) + r + 1.0f;
-  VF scale;  // 2^k from the exponent bits
+  const VF k1 = if_gt(kf, 127.0f, splat(127.0f), kf);
+  VF scale;  // 2^k1 from the exponent bits
 #if defined(CK_NATIVE_F32)
-  scale = (VF)(((VU)__builtin_convertvector(kf, VI) + 127u) << 23);
+  scale = (VF)(((VU)__builtin_convertvector(k1, VI) + 127u) << 23);
 #else
   for (int i = 0; i < CB; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(kf[i]) + 127) << 23;
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k1[i]) + 127) << 23;
     std::memcpy(&scale.v[i], &bits, 4);
   }
 #endif
-  VF res = e * scale;
+  VF res = e * scale * (kf - k1 + 1.0f);
   res = if_lt(x, lo, splat(0.0f), res);
-  return if_gt(x, 88.72283935546875f, splat(std::numeric_limits<float>::infinity()), res);
+  return if_gt(x, hi, splat(std::numeric_limits<float>::infinity()), res);
 }
 CK_INLINE Vec<double> vexp(Vec<double> x) {
   for (int i = 0; i < CB; ++i) x[i] = std::exp(x[i]);
@@ -161,6 +170,15 @@ void load_seq(int64_t ptr, int64_t code, int64_t off, int64_t st, int64_t T, Acc
     case F16: go(reinterpret_cast<const half_t*>(ptr)); break;
     default: go(reinterpret_cast<const bfloat16_t*>(ptr)); break;  // BF16 (codes checked up front)
   }
+}
+
+// Threads for a call: at most one per task, and one for small problems (under 2^18 state
+// updates, ~0.3 ms of work): a parallel region costs a thread wake-up, which on a busy machine
+// can be a scheduler time slice (measured: 12 ms instead of 0.1 ms per call on the shared 2-core VM).
+int team(const SelectiveScanArgs& a, int64_t ntasks) {
+  int64_t nt = std::min<int64_t>(clamp_threads(static_cast<int>(a.num_threads)), ntasks);
+  if (a.batch * a.dim * a.L * a.N < (int64_t(1) << 18)) nt = 1;
+  return static_cast<int>(std::max<int64_t>(1, nt));
 }
 
 struct Geometry {
@@ -227,12 +245,45 @@ void load_block_constants(const SelectiveScanArgs& a, const Block& k, Acc* Ab, A
   }
 }
 
+#if defined(__AVX2__)
+// dst[j * ds + i] = src[i * ss + j] for an 8 x 8 block of fp32 (unpack, shuffle, 128-bit permute)
+inline void transpose8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
 // Chunk [t0, t0 + T) of a (batch, dim, L) input into buf[t][c] (zeros in unused lanes).
 template <typename Acc>
 void load_chunk(int64_t ptr, int64_t code, int64_t s0, int64_t s1, int64_t s2, const Block& k, int64_t t0,
                 int64_t T, Acc* buf) {
-  if (k.nc < CB) std::fill(buf, buf + T * CB, Acc(0));
-  for (int64_t c = 0; c < k.nc; ++c) load_seq(ptr, code, k.b * s0 + (k.d0 + c) * s1 + t0 * s2, s2, T, buf + c, CB);
+  int64_t done = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Acc, float> && CB == 8) {
+    if (code == F32 && s2 == 1 && k.nc == CB) {  // fp32, unit stride in time: 8 x 8 register transposes
+      const float* p = reinterpret_cast<const float*>(ptr) + k.b * s0 + k.d0 * s1 + t0;
+      for (; done + 8 <= T; done += 8) transpose8(p + done, s1, buf + done * CB, CB);
+    }
+  }
+#endif
+  if (done == T) return;
+  if (k.nc < CB) std::fill(buf + done * CB, buf + T * CB, Acc(0));
+  for (int64_t c = 0; c < k.nc; ++c)
+    load_seq(ptr, code, k.b * s0 + (k.d0 + c) * s1 + (t0 + done) * s2, s2, T - done, buf + done * CB + c, CB);
 }
 
 // Time-varying B or C of the block's group for steps [t0, t0 + T) into buf[t][n].
@@ -255,9 +306,17 @@ void make_dt(Acc* db, Acc* pre, const Acc* bv, int64_t T, bool sp) {
 
 template <typename Acc>
 void store_chunk(Acc* dst, const Acc* buf, const SelectiveScanArgs& a, const Block& k, int64_t t0, int64_t T) {
+  int64_t done = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Acc, float> && CB == 8) {
+    if (k.nc == CB)
+      for (; done + 8 <= T; done += 8)
+        transpose8(buf + done * CB, CB, dst + (k.b * a.dim + k.d0) * a.L + t0 + done, a.L);
+  }
+#endif
   for (int64_t c = 0; c < k.nc; ++c) {
     Acc* o = dst + (k.b * a.dim + k.d0 + c) * a.L + t0;
-    for (int64_t t = 0; t < T; ++t) o[t] = buf[t * CB + c];
+    for (int64_t t = done; t < T; ++t) o[t] = buf[t * CB + c];
   }
 }
 
@@ -268,7 +327,7 @@ template <typename Acc, bool VB, bool VC, bool NORMS>
 void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
   const int64_t N = a.N, L = a.L, K = std::min(a.chunk, a.L);
   const int64_t ntasks = a.batch * g.nblk;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(clamp_threads(int(a.num_threads)), ntasks)));
+  const int nt = team(a, ntasks);
   Acc* out = reinterpret_cast<Acc*>(a.out);
   Acc* last = reinterpret_cast<Acc*>(a.last);
   Acc* norms = reinterpret_cast<Acc*>(a.norms);
@@ -345,7 +404,7 @@ template <typename Acc, bool VB, bool VC, bool GN>
 void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
   const int64_t N = a.N, L = a.L, K = std::min(a.chunk, a.L), NC = N * CB;
   const int64_t ntasks = a.batch * g.nblk;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(clamp_threads(int(a.num_threads)), ntasks)));
+  const int nt = team(a, ntasks);
   const Acc* ckpt = reinterpret_cast<const Acc*>(a.ckpt);
   const Acc* glast = reinterpret_cast<const Acc*>(a.glast);
   const Acc* gnorms = reinterpret_cast<const Acc*>(a.gnorms);

@@ -383,3 +383,54 @@ def test_grads_through_one_extra_output(backend, device, which, monkeypatch):
             assert got[k] is None or got[k].abs().max() == 0, k
         else:
             close(got[k], want[k], 1e-4, 1e-5)
+
+
+def test_threads_large_enough_problem(monkeypatch):
+    """Above 2^18 state updates the C++ kernels use several threads (smaller problems run on one):
+    per-thread B/C gradient copies and their final sum must still match the reference."""
+    monkeypatch.setattr(ss_mod, "CHECKPOINT_STEPS", 16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        t = problem(2, 64, 130, 16, "variable", "grouped", groups=(1, 4))
+        assert 2 * 64 * 130 * 16 >= 1 << 18
+        check_grads("cpp", "cpu", t)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_registered_op_rejects_what_the_kernels_cannot_index():
+    t = problem(2, 8, 6, 3)
+    B4, C4 = t["B"].unsqueeze(1), t["C"].unsqueeze(1)
+    base = [t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"], t["initial_state"], True, False,
+            False, 4]
+    ops = [ss_mod._fwd_cpp] + ([ss_mod._fwd_triton] if HAS_TRITON else [])
+    for i, bad in [(1, t["delta"][..., :5]), (2, t["A"].t().contiguous().t()), (3, t["B"]), (4, C4[..., :5]),
+                   (5, t["D"].double()), (8, t["initial_state"][:1]), (12, 0)]:
+        args = list(base)
+        args[i] = bad
+        for op in ops:
+            with pytest.raises(ValueError, match="selective_scan"):
+                op(*args)
+
+
+def test_cpp_exp_accuracy(cpu_isa):
+    """The C++ kernel's vectorised exp, read through the op: with N = 1, delta = 1, B = 0, C = 1 and
+    initial_state = 1 the last state is exp(A). Within 1 ulp of exp (torch.exp: 0.5) over the whole
+    normal range; below FLT_MIN 0, above FLT_MAX inf, NaN stays NaN."""
+    x = torch.cat([torch.linspace(-87.33, 88.72, 100_001), torch.randn(20_000) * 3,
+                   torch.tensor([0.0, -1e-8, 1e-8, -87.3, 88.5, 88.7])])
+    dim = x.numel()
+    last = ck.selective_scan(torch.zeros(1, dim, 1), torch.ones(1, dim, 1), x[:, None], torch.zeros(dim, 1),
+                             torch.ones(dim, 1), return_last_state=True, initial_state=torch.ones(1, dim, 1),
+                             backend="cpp")[1][0, :, 0].double()
+    ref = torch.exp(x.double())
+    ref32 = ref.float()
+    ulp = (torch.nextafter(ref32, torch.tensor(float("inf"))) - ref32).double()
+    assert float(((last - ref).abs() / ulp).max()) <= 1.0
+    edge = torch.tensor([-88.0, -104.0, -1e30, 88.8, 1e30, float("nan")])
+    n = edge.numel()
+    last = ck.selective_scan(torch.zeros(1, n, 1), torch.ones(1, n, 1), edge[:, None], torch.zeros(n, 1),
+                             torch.ones(n, 1), return_last_state=True, initial_state=torch.ones(1, n, 1),
+                             backend="cpp")[1][0, :, 0]
+    assert last[:3].eq(0).all() and last[3:5].eq(float("inf")).all() and last[5].isnan()

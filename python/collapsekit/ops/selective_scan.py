@@ -57,9 +57,35 @@ def _canonical(B: Tensor, C: Tensor) -> None:
                              f"got shape {tuple(M.shape)}")
 
 
+def _check_op_args(u, delta, A, B, C, D, z, delta_bias, init, chunk, **more) -> None:
+    """What the kernels index, checked at the registered op (cheap: shapes, dtypes, layout), so a
+    direct call of the op can never make a kernel read or write out of bounds."""
+    batch, dim, L = u.shape
+    n = A.shape[1] if A.dim() == 2 else -1
+    acc = A.dtype
+    _canonical(B, C)
+    bad = []
+    if tuple(delta.shape) != tuple(u.shape) or (z is not None and tuple(z.shape) != tuple(u.shape)):
+        bad.append("delta/z must have u's shape")
+    if A.dim() != 2 or A.shape[0] != dim or not A.is_contiguous() or acc not in (torch.float32, torch.float64):
+        bad.append("A must be a contiguous fp32/fp64 (dim, N)")
+    for name, M in (("B", B), ("C", C)):
+        want = (dim, n) if M.dim() == 2 else (batch, M.shape[1], n, L)
+        if tuple(M.shape) != want or (M.dim() == 4 and (M.shape[1] < 1 or dim % M.shape[1])):
+            bad.append(f"{name} has shape {tuple(M.shape)}")
+    for name, t, shape in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)), ("initial_state", init, (batch, dim, n)),
+                           *((k, v, sh) for k, (v, sh) in more.items())):
+        if t is not None and (tuple(t.shape) != shape or t.dtype != acc or not t.is_contiguous()):
+            bad.append(f"{name} must be a contiguous {acc} {shape}")
+    if chunk < 1:
+        bad.append("chunk must be >= 1")
+    if bad:
+        raise ValueError("selective_scan (registered op): " + "; ".join(bad))
+
+
 def _base_args(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk) -> dict:
     batch, dim, L = u.shape
-    _canonical(B, C)
+    _check_op_args(u, delta, A, B, C, D, z, delta_bias, init, chunk)
     a = dict.fromkeys(_ARG_FIELDS, 0)
     a.update(batch=batch, dim=dim, L=L, N=A.shape[1], softplus=int(softplus), chunk=chunk,
              acc_code=_dispatch.FLOAT_CODES[A.dtype], num_threads=_dispatch.num_threads(),
@@ -76,6 +102,8 @@ def _call(fn, a: dict) -> None:
 
 
 def _empty_outputs(u, A, want_norms, save, chunk):
+    if chunk < 1:
+        raise ValueError(f"selective_scan (registered op): chunk must be >= 1, got {chunk}")
     batch, dim, L = u.shape
     acc = A.dtype
     out = torch.empty(batch, dim, L, dtype=acc, device=u.device)
@@ -115,6 +143,11 @@ def _bwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     gA, gD, ginit, gbias = new(batch, dim, n), new(batch, dim), new(batch, dim, n), new(batch, dim)
     gB = new(B.shape) if B.dim() == 4 else new(batch, dim, n)  # (batch, G, N, L): zeroed and summed in C++
     gC = new(C.shape) if C.dim() == 4 else new(batch, dim, n)
+    nck = -(-L // chunk)
+    _check_op_args(u, delta, A, B, C, D, z, delta_bias, None, chunk, ckpt=(ckpt, (batch, dim, nck, n)),
+                   glast=(glast, (batch, dim, n)), gnorms=(gnorms, (batch, dim, L)))
+    if tuple(gout.shape) != (batch, dim, L):
+        raise ValueError(f"selective_scan (registered op): gout has shape {tuple(gout.shape)}")
     a = _base_args(u, delta, A, B, C, D, z, delta_bias, None, softplus, chunk)
     a.update(_strided("gout", gout))
     a.update(ckpt=ckpt.data_ptr(), glast=_ptr(glast), gnorms=_ptr(gnorms), gu=gu.data_ptr(),
@@ -130,8 +163,7 @@ def _fwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      softplus: bool, want_norms: bool, save: bool, chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import selective_scan as k  # imports triton: only on the first Triton call
 
-    _canonical(B, C)
-
+    _check_op_args(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk)
     outs = _empty_outputs(u, A, want_norms, save, chunk)
     k.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk, *outs)
     return outs
@@ -143,7 +175,12 @@ def _bwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import selective_scan as k
 
-    _canonical(B, C)
+    batch, dim, L = u.shape
+    n = A.shape[1]
+    _check_op_args(u, delta, A, B, C, D, z, delta_bias, None, chunk, ckpt=(ckpt, (batch, dim, -(-L // chunk), n)),
+                   glast=(glast, (batch, dim, n)), gnorms=(gnorms, (batch, dim, L)))
+    if tuple(gout.shape) != (batch, dim, L):
+        raise ValueError(f"selective_scan (registered op): gout has shape {tuple(gout.shape)}")
     return k.backward(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, softplus, chunk)
 
 
