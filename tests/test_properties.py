@@ -193,3 +193,33 @@ def test_collapse_metrics_match_the_literal_formulas(n, d, c, one_class, classif
             assert a != a
         else:
             assert abs(a - b_) <= 1e-6 * max(1.0, abs(b_)), (k, a, b_)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 2), dim=st.sampled_from([1, 3, 8, 12]), L=st.integers(1, 40), N=st.integers(1, 20),
+       form=st.sampled_from(["const", "var", "group"]), opts=st.fixed_dictionaries(
+           {"D": st.booleans(), "z": st.booleans(), "bias": st.booleans(), "init": st.booleans(),
+            "softplus": st.booleans()}),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_selective_scan_cpp_matches_reference(batch, dim, L, N, form, opts, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    u, delta = r(batch, dim, L).to(dtype), (torch.rand(batch, dim, L, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    A = -torch.rand(dim, N, generator=gen, dtype=torch.float64).float() - 0.1
+    groups = [g for g in (1, 2, 3, 4) if dim % g == 0]
+    if form == "const":
+        B, C = r(dim, N).float(), r(dim, N).float()
+    elif form == "var":
+        B, C = r(batch, N, L).to(dtype), r(batch, N, L).to(dtype)
+    else:
+        g = groups[seed % len(groups)]
+        B, C = r(batch, g, N, L).to(dtype), r(batch, g, N, L).to(dtype)
+    kw = dict(D=r(dim).float() if opts["D"] else None, z=r(batch, dim, L).to(dtype) if opts["z"] else None,
+              delta_bias=r(dim).float() if opts["bias"] else None, delta_softplus=opts["softplus"],
+              return_last_state=True, initial_state=r(batch, dim, N).float() if opts["init"] else None,
+              return_state_norms=True)
+    got = ck.selective_scan(u, delta, A, B, C, backend="cpp", **kw)
+    want = ref.selective_scan(u, delta, A, B, C, **kw)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        assert_close(a, w, torch.float32, scale=max(1.0, float(w.abs().max())))
