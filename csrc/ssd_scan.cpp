@@ -86,6 +86,46 @@ inline Acc row_forward(Acc* __restrict hr, const Acc* __restrict bt, const Acc* 
   return y;
 }
 
+// Two consecutive steps for one state row in one pass over it (the same arithmetic as two
+// row_forward calls, in the same order, with half the loads and stores of the state row):
+// v1 = a1·h + u1·b1, y1 = Σ v1·c1; h = a2·v1 + u2·b2, y2 = Σ h·c2.
+template <typename Acc, bool NORM>
+inline void row_forward2(Acc* __restrict hr, const Acc* __restrict b1, const Acc* __restrict c1,
+                         const Acc* __restrict b2, const Acc* __restrict c2, int64_t n, Acc a1, Acc u1, Acc a2,
+                         Acc u2, Acc& y1, Acc& y2, Acc& ss1, Acc& ss2) {
+  int64_t j = 0;
+  Acc s_y1 = 0, s_y2 = 0, s_1 = 0, s_2 = 0;
+#ifdef CK_VEC
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::W;
+  const V va1 = vsplat<V>(a1), vu1 = vsplat<V>(u1), va2 = vsplat<V>(a2), vu2 = vsplat<V>(u2);
+  V vy1 = vsplat<V>(Acc(0)), vy2 = vy1, vs1 = vy1, vs2 = vy1;
+  for (; j + W <= n; j += W) {
+    const V v1 = va1 * vload<V>(hr + j) + vu1 * vload<V>(b1 + j);
+    vy1 += v1 * vload<V>(c1 + j);
+    const V v2 = va2 * v1 + vu2 * vload<V>(b2 + j);
+    vstore(hr + j, v2);
+    vy2 += v2 * vload<V>(c2 + j);
+    if (NORM) { vs1 += v1 * v1; vs2 += v2 * v2; }
+  }
+  s_y1 = vsum<V, Acc>(vy1);
+  s_y2 = vsum<V, Acc>(vy2);
+  if (NORM) { s_1 = vsum<V, Acc>(vs1); s_2 = vsum<V, Acc>(vs2); }
+#endif
+  for (; j < n; ++j) {
+    const Acc v1 = a1 * hr[j] + u1 * b1[j];
+    s_y1 += v1 * c1[j];
+    const Acc v2 = a2 * v1 + u2 * b2[j];
+    hr[j] = v2;
+    s_y2 += v2 * c2[j];
+    if (NORM) { s_1 += v1 * v1; s_2 += v2 * v2; }
+  }
+  y1 = s_y1;
+  y2 = s_y2;
+  ss1 += s_1;
+  ss2 += s_2;
+}
+
 // One reverse step for one state row (see backward_one): returns Σ_j v·hq and Σ_j v·b, where
 // v = g + dy·c is dH_t's row; updates dC += hn·dy, dB += v·xi and g ← a·v.
 template <typename Acc>
@@ -200,24 +240,52 @@ void forward_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, T* out, Acc* fin,
   else std::fill(H, H + pn, Acc(0));
   const Acc Ah = c.A[hi], lam = static_cast<Acc>(a.decay_scale);
   const Acc* Dh = c.D ? c.D + hi * p : nullptr;
-  for (int64_t t = 0; t < a.l; ++t) {
-    if (t % a.chunk_size == 0) chunk_boundary(c, bi, hi, t / a.chunk_size, H);
-    Acc raw, d;
+  // The per-step scalars and vectors, for steps t (slot 0) and t + 1 (slot 1).
+  Acc* bt2 = zv + p; Acc* ct2 = bt2 + n; Acc* xv2 = ct2 + n; Acc* zv2 = xv2 + p;
+  auto load_step = [&](int64_t t, Acc* b_, Acc* c_, Acc* x_, Acc* z_, Acc& at, Acc& d) {
+    Acc raw;
     c.delta(bi, t, hi, raw, d);
-    const Acc at = lam * std::exp(d * Ah);
-    c.load_bc(bi, t, gi, bt, ct);
-    c.load_row(c.x, a.xs, bi, t, hi, xv);
-    if (c.z) c.load_row(c.z, a.zs, bi, t, hi, zv);
-    T* o = out + ((bi * a.l + t) * a.h + hi) * p;
+    at = lam * std::exp(d * Ah);
+    c.load_bc(bi, t, gi, b_, c_);
+    c.load_row(c.x, a.xs, bi, t, hi, x_);
+    if (c.z) c.load_row(c.z, a.zs, bi, t, hi, z_);
+  };
+  auto finish = [&](int64_t t, Acc y, int64_t i, const Acc* x_, const Acc* z_) {
+    if (Dh) y += Dh[i] * x_[i];
+    if (c.z) y *= silu(z_[i]);
+    out[((bi * a.l + t) * a.h + hi) * p + i] = from_acc<T>(y);
+  };
+  for (int64_t t = 0; t < a.l;) {
+    if (t % a.chunk_size == 0) chunk_boundary(c, bi, hi, t / a.chunk_size, H);
+    Acc at, d;
+    load_step(t, bt, ct, xv, zv, at, d);
+    // two steps per pass over the state unless t + 1 starts a chunk (a boundary acts between them)
+    if (t + 1 < a.l && (t + 1) % a.chunk_size != 0) {
+      Acc at2, d2;
+      load_step(t + 1, bt2, ct2, xv2, zv2, at2, d2);
+      Acc ss1 = 0, ss2 = 0;
+      for (int64_t i = 0; i < p; ++i) {
+        Acc y1, y2;
+        if (norms) row_forward2<Acc, true>(H + i * n, bt, ct, bt2, ct2, n, at, d * xv[i], at2, d2 * xv2[i], y1, y2, ss1, ss2);
+        else row_forward2<Acc, false>(H + i * n, bt, ct, bt2, ct2, n, at, d * xv[i], at2, d2 * xv2[i], y1, y2, ss1, ss2);
+        finish(t, y1, i, xv, zv);
+        finish(t + 1, y2, i, xv2, zv2);
+      }
+      if (norms) {
+        norms[(bi * a.l + t) * a.h + hi] = std::sqrt(ss1);
+        norms[(bi * a.l + t + 1) * a.h + hi] = std::sqrt(ss2);
+      }
+      t += 2;
+      continue;
+    }
     Acc ss = 0;
     for (int64_t i = 0; i < p; ++i) {
       Acc y = norms ? row_forward<Acc, true>(H + i * n, bt, ct, n, at, d * xv[i], ss)
                     : row_forward<Acc, false>(H + i * n, bt, ct, n, at, d * xv[i], ss);
-      if (Dh) y += Dh[i] * xv[i];
-      if (c.z) y *= silu(zv[i]);
-      o[i] = from_acc<T>(y);
+      finish(t, y, i, xv, zv);
     }
     if (norms) norms[(bi * a.l + t) * a.h + hi] = std::sqrt(ss);
+    t += 1;
   }
   if (fin) std::copy(H, H + pn, fin + (bi * a.h + hi) * pn);
 }
@@ -336,7 +404,7 @@ void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, ui
     const int64_t tasks = a.b * a.h;
 #pragma omp parallel num_threads(nt)
     {
-      std::vector<Acc> work(a.p * a.n + 2 * a.n + 2 * a.p);
+      std::vector<Acc> work(a.p * a.n + 4 * a.n + 4 * a.p);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < tasks; ++task)
         forward_one(c, task / a.h, task % a.h, reinterpret_cast<T*>(out), reinterpret_cast<Acc*>(final_state),
