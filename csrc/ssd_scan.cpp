@@ -126,6 +126,52 @@ inline void row_forward2(Acc* __restrict hr, const Acc* __restrict b1, const Acc
   ss2 += s_2;
 }
 
+// The scaled-state form of one or two steps: with H = S·G, H_t = a_t H_{t−1} + u b becomes
+// G += (u / S_t) b with S_t = S_{t−1} a_t, one FMA per element instead of a multiply and an FMA.
+// Returns Σ G·c (the caller multiplies by S_t) and adds Σ G² to ss (times S_t² by the caller).
+template <typename Acc, bool NORM, bool TWO>
+inline void row_scaled(Acc* __restrict g, const Acc* __restrict b1, const Acc* __restrict c1,
+                       const Acc* __restrict b2, const Acc* __restrict c2, int64_t n, Acc w1, Acc w2,
+                       Acc& y1, Acc& y2, Acc& ss1, Acc& ss2) {
+  int64_t j = 0;
+  Acc s_y1 = 0, s_y2 = 0, s_1 = 0, s_2 = 0;
+#ifdef CK_VEC
+  using V = typename Vec<Acc>::type;
+  constexpr int W = Vec<Acc>::W;
+  const V vw1 = vsplat<V>(w1), vw2 = vsplat<V>(w2);
+  V vy1 = vsplat<V>(Acc(0)), vy2 = vy1, vs1 = vy1, vs2 = vy1;
+  for (; j + W <= n; j += W) {
+    V v = vload<V>(g + j) + vw1 * vload<V>(b1 + j);
+    vy1 += v * vload<V>(c1 + j);
+    if (NORM) vs1 += v * v;
+    if (TWO) {
+      v += vw2 * vload<V>(b2 + j);
+      vy2 += v * vload<V>(c2 + j);
+      if (NORM) vs2 += v * v;
+    }
+    vstore(g + j, v);
+  }
+  s_y1 = vsum<V, Acc>(vy1);
+  if (TWO) s_y2 = vsum<V, Acc>(vy2);
+  if (NORM) { s_1 = vsum<V, Acc>(vs1); if (TWO) s_2 = vsum<V, Acc>(vs2); }
+#endif
+  for (; j < n; ++j) {
+    Acc v = g[j] + w1 * b1[j];
+    s_y1 += v * c1[j];
+    if (NORM) s_1 += v * v;
+    if (TWO) {
+      v += w2 * b2[j];
+      s_y2 += v * c2[j];
+      if (NORM) s_2 += v * v;
+    }
+    g[j] = v;
+  }
+  y1 = s_y1;
+  y2 = s_y2;
+  ss1 += s_1;
+  ss2 += s_2;
+}
+
 // One reverse step for one state row (see backward_one): returns Σ_j v·hq and Σ_j v·b, where
 // v = g + dy·c is dH_t's row; updates dC += hn·dy, dB += v·xi and g ← a·v.
 template <typename Acc>
@@ -255,14 +301,57 @@ void forward_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, T* out, Acc* fin,
     if (c.z) y *= silu(z_[i]);
     out[((bi * a.l + t) * a.h + hi) * p + i] = from_acc<T>(y);
   };
+  // The state is kept as H = S·G (scalar S) while the decays are moderate: an update is then one
+  // FMA per element (row_scaled). S is folded back into G (one pass) before it gets small (so
+  // u/S stays bounded), at chunk boundaries (state_norm_max and checkpoints see the true state)
+  // and at the end. Steps with a fast decay (a < kFastDecay) take the direct form.
+  constexpr Acc kFastDecay = Acc(0.25), kMinScale = Acc(1e-3);
+  Acc S = 1;
+  auto fold = [&] {
+    if (S != Acc(1)) {
+      for (int64_t j = 0; j < pn; ++j) H[j] *= S;
+      S = 1;
+    }
+  };
   for (int64_t t = 0; t < a.l;) {
-    if (t % a.chunk_size == 0) chunk_boundary(c, bi, hi, t / a.chunk_size, H);
+    if (t % a.chunk_size == 0) {
+      fold();
+      chunk_boundary(c, bi, hi, t / a.chunk_size, H);
+    }
     Acc at, d;
     load_step(t, bt, ct, xv, zv, at, d);
     // two steps per pass over the state unless t + 1 starts a chunk (a boundary acts between them)
-    if (t + 1 < a.l && (t + 1) % a.chunk_size != 0) {
-      Acc at2, d2;
-      load_step(t + 1, bt2, ct2, xv2, zv2, at2, d2);
+    bool two = t + 1 < a.l && (t + 1) % a.chunk_size != 0;
+    Acc at2 = 1, d2 = 0;
+    if (two) load_step(t + 1, bt2, ct2, xv2, zv2, at2, d2);
+    if (at >= kFastDecay && (!two || at2 >= kFastDecay)) {  // scaled form
+      if (S * at * (two ? at2 : Acc(1)) < kMinScale) fold();
+      const Acc s1 = S * at, s2 = s1 * at2;
+      Acc ss1 = 0, ss2 = 0;
+      for (int64_t i = 0; i < p; ++i) {
+        Acc y1, y2;
+        const Acc w1 = d * xv[i] / s1, w2 = two ? d2 * xv2[i] / s2 : Acc(0);
+        if (two) {
+          if (norms) row_scaled<Acc, true, true>(H + i * n, bt, ct, bt2, ct2, n, w1, w2, y1, y2, ss1, ss2);
+          else row_scaled<Acc, false, true>(H + i * n, bt, ct, bt2, ct2, n, w1, w2, y1, y2, ss1, ss2);
+          finish(t, s1 * y1, i, xv, zv);
+          finish(t + 1, s2 * y2, i, xv2, zv2);
+        } else {
+          if (norms) row_scaled<Acc, true, false>(H + i * n, bt, ct, bt, ct, n, w1, w2, y1, y2, ss1, ss2);
+          else row_scaled<Acc, false, false>(H + i * n, bt, ct, bt, ct, n, w1, w2, y1, y2, ss1, ss2);
+          finish(t, s1 * y1, i, xv, zv);
+        }
+      }
+      if (norms) {
+        norms[(bi * a.l + t) * a.h + hi] = s1 * std::sqrt(ss1);
+        if (two) norms[(bi * a.l + t + 1) * a.h + hi] = s2 * std::sqrt(ss2);
+      }
+      S = two ? s2 : s1;
+      t += two ? 2 : 1;
+      continue;
+    }
+    fold();  // direct form
+    if (two) {
       Acc ss1 = 0, ss2 = 0;
       for (int64_t i = 0; i < p; ++i) {
         Acc y1, y2;
@@ -287,6 +376,7 @@ void forward_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, T* out, Acc* fin,
     if (norms) norms[(bi * a.l + t) * a.h + hi] = std::sqrt(ss);
     t += 1;
   }
+  fold();
   if (fin) std::copy(H, H + pn, fin + (bi * a.h + hi) * pn);
 }
 
