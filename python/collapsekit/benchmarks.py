@@ -321,6 +321,8 @@ def _ssd_inputs(b, l, h, p, g, n, dtype, device, grad=False):
 
 
 def _fwd_bwd(fn):
+    """Forward and backward (shared by the scan workloads): sum of the output, .backward() into
+    every input's .grad (cleared after, so repetitions do not accumulate)."""
     def run(**inp):
         out = fn(**inp)
         out.float().sum().backward()
@@ -412,17 +414,6 @@ def pscan_selective_scan(u, delta, A, B, C, D, z, delta_bias):
 
 def _ck_selective_scan(u, delta, A, B, C, D, z, delta_bias):
     return ck.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
-
-
-def _fwd_bwd(fn):
-    """Forward and backward: sum of the output, .backward() into every input's .grad."""
-    def run(**inp):
-        for t in inp.values():
-            t.grad = None
-        fn(**inp).float().sum().backward()
-        return inp["u"].grad
-    run.__name__ = fn.__name__ + "_fwd_bwd"
-    return run
 
 
 def _scan_workload(b, d, L, n, dtype, devices, quick=False, full=True, backward=False):
