@@ -248,3 +248,17 @@ def test_state_collapse_example_runs_and_shows_the_mitigations():
     assert float(forget[300:].max()) < float(plain[300:].max())
     # right after each chunk boundary the capped state is at most τ, grown by one step
     assert float(capped[64::64].max()) < float(plain[64::64].max())
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_dt_limit_always_clamps_and_chunk_size_positional(backend, device):
+    # mamba-ssm parity: the default (0, inf) clamps a negative dt + dt_bias to 0, gradient 0 there
+    t = make(1, 20, 2, 3, 1, 4, device=device, seed=11, grad=True)
+    dt = (t["dt"].detach() - 0.3).requires_grad_()  # about half the steps negative
+    assert bool((dt < 0).any())
+    out = ck.ssd_scan(t["x"], dt, t["A"], t["B"], t["C"], 8, backend=backend)  # chunk_size positional
+    want = ref.ssd_scan(t["x"].cpu(), dt.cpu().clamp_min(0.0), t["A"].cpu(), t["B"].cpu(), t["C"].cpu(), 8)
+    assert_close(out, want, torch.float64)
+    (g,) = torch.autograd.grad(out.sum(), [dt])
+    assert bool((g[dt < 0] == 0).all()) and bool((g[dt > 0] != 0).any())
+    assert_close(ck.ssd_scan(t["x"], dt, t["A"], t["B"], t["C"], chunk_size=8, backend=backend), out, torch.float64)

@@ -138,11 +138,12 @@ def etf_logits(features: torch.Tensor, etf: torch.Tensor, scale: float = 1.0, ep
     return scale * (h / n) @ etf.double().t()
 
 
-def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, initial_states=None,
+def ssd_scan(x, dt, A, B, C, chunk_size=64, *, D=None, z=None, dt_bias=None, initial_states=None,
              dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, return_state_norms=False,
              decay_scale=1.0, state_norm_max=None):
     """fp64 step-by-step SSD (Mamba-2) recurrence, literally as DESIGN.md writes it; differentiable.
-    ``dt_limit`` clamps only when it differs from the default ``(0, inf)`` (mamba-ssm's rule)."""
+    ``dt_limit`` always clamps (mamba-ssm's kernel does): with the default ``(0, inf)`` a negative
+    ``dt + dt_bias`` becomes 0 and gets gradient 0."""
     import torch.nn.functional as F
 
     b, l, h, p = x.shape
@@ -151,8 +152,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, ini
     dtv = dt.double() + (dt_bias.double() if dt_bias is not None else 0.0)
     if dt_softplus:
         dtv = F.softplus(dtv)
-    if tuple(dt_limit) != (0.0, float("inf")):
-        dtv = dtv.clamp(dt_limit[0], dt_limit[1])
+    dtv = dtv.clamp(dt_limit[0], dt_limit[1])
     a = decay_scale * torch.exp(dtv * A.double())
     Bh = B.double().repeat_interleave(h // g, dim=2)
     Ch = C.double().repeat_interleave(h // g, dim=2)

@@ -252,7 +252,7 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, 
     _validate.same_device(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
 
 
-def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: int = 64,
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64, *,
              D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
              initial_states: Optional[Tensor] = None, dt_softplus: bool = False,
              dt_limit: Tuple[float, float] = (0.0, INF), return_final_states: bool = False,
@@ -275,7 +275,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
             spacing; it changes nothing else (beyond rounding). Any ``seqlen`` works.
         D: ``(nheads,)`` or ``(nheads, headdim)``. z: like x. dt_bias: ``(nheads,)``.
         initial_states: ``(batch, nheads, headdim, dstate)``.
-        dt_limit: ``(min, max)`` clamp of Δ; as in mamba-ssm, the default ``(0, inf)`` clamps nothing.
+        dt_limit: ``(min, max)`` clamp of Δ, always applied as in mamba-ssm's kernel: with the
+            default ``(0, inf)`` a negative Δ becomes 0 (gradient 0).
         decay_scale: λ, "forget more" (Stuffed Mamba): ``a_t = λ · exp(Δ_t A)``.
         state_norm_max: τ: the state entering every chunk after the first is rescaled to Frobenius
             norm τ (per batch and head) where it is larger (state normalisation). Differentiable.
@@ -311,7 +312,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     z_c = None if z is None else z.to(x.dtype)
     bias_c = None if dt_bias is None else dt_bias.to(acc).contiguous()
     init_c = None if initial_states is None else initial_states.to(acc).contiguous()
-    dt_clamp = tuple(float(v) for v in dt_limit) != (0.0, INF)
+    dt_clamp = True  # always (mamba-ssm's kernel clamps even with the default (0, inf))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
     fn = _ssd_scan_cpp if backend == "cpp" else _ssd_scan_triton
