@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -476,6 +477,248 @@ void backward_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, const T* dout, c
   if (dinit) std::copy(dH, dH + pn, dinit + (bi * a.h + hi) * pn);
 }
 
+// ------------------------------------------------------------------------------------------------
+// The chunked (matmul) form of the forward (the SSD algorithm of the Mamba-2 paper). Per
+// (batch, head) and chunk of Q steps starting at t0, with cs_t = Σ_{r=t0..t} log a_r and
+// X̃_s = Δ_s x_s (rows of [Q, p]):
+//   Y      = (C Bᵀ ∘ L) X̃ + diag(e^{cs}) C H_inᵀ,         L[t, s] = e^{cs_t − cs_s} (s ≤ t), else 0
+//   H_out  = e^{cs_last} H_in + (e^{cs_last − cs} ∘ X̃)ᵀ B
+// C Bᵀ is computed once per (batch, group, chunk) and shared by the group's heads. The three
+// products run on one register-blocked micro-kernel (gemm_acc below); H_in is the state entering
+// the chunk, rescaled by state_norm_max and saved as the backward's checkpoint exactly as the
+// recurrent path does, so both paths feed the same backward.
+// ------------------------------------------------------------------------------------------------
+
+// The vector width of this instruction-set build (the recurrent path above keeps 32-byte vectors).
+#if defined(__AVX512F__)
+#define CK_GEMM_VBYTES 64
+#define CK_GEMM_NV 4   // 4 zmm columns (64 floats) x 4 rows = 16 accumulators (of 32 registers)
+#define CK_GEMM_MR 4
+#elif defined(__AVX2__)
+#define CK_GEMM_VBYTES 32
+#define CK_GEMM_NV 2   // 2 ymm x 6 rows (16 registers: 12 accumulators, 2 loads, 1 broadcast)
+#define CK_GEMM_MR 6
+#else
+#define CK_GEMM_VBYTES 16
+#define CK_GEMM_NV 2   // SSE2: 16 xmm registers
+#define CK_GEMM_MR 6
+#endif
+
+#ifdef CK_VEC
+template <typename Acc> struct GVec {
+  static constexpr int W = CK_GEMM_VBYTES / static_cast<int>(sizeof(Acc));
+  typedef Acc type __attribute__((vector_size(CK_GEMM_VBYTES)));
+};
+
+// Cm[MR, NV·W] += Σ_k A(r, k) · Bm[k, :] with A(r, k) = A[r·a_si + k·a_sk] (broadcast) and Bm, Cm
+// row-major (ldb, ldc): MR·NV accumulators stay in registers over the whole k loop.
+template <typename Acc, int MR, int NV>
+inline void ukernel(int64_t K, const Acc* __restrict A, int64_t a_si, int64_t a_sk, const Acc* __restrict Bm,
+                    int64_t ldb, Acc* __restrict Cm, int64_t ldc) {
+  using V = typename GVec<Acc>::type;
+  constexpr int W = GVec<Acc>::W;
+  // (fully unrolled so the accumulators live in registers; the scalar operand of av * bv is
+  // broadcast by the compiler: one vbroadcast per row and k)
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = vload<V>(Cm + r * ldc + v * W);
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(Bm + k * ldb + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Acc av = A[r * a_si + k * a_sk];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) vstore(Cm + r * ldc + v * W, acc[r][v]);
+}
+
+template <typename Acc, int NV, bool TRI>
+inline void gemm_cols(int64_t M, int64_t K, const Acc* A, int64_t a_si, int64_t a_sk, const Acc* Bm, int64_t ldb,
+                      Acc* Cm, int64_t ldc) {
+  constexpr int MR = CK_GEMM_MR;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR)
+    ukernel<Acc, MR, NV>(TRI ? std::min(K, i + MR) : K, A + i * a_si, a_si, a_sk, Bm, ldb, Cm + i * ldc, ldc);
+  for (; i < M; ++i) ukernel<Acc, 1, NV>(TRI ? std::min(K, i + 1) : K, A + i * a_si, a_si, a_sk, Bm, ldb, Cm + i * ldc, ldc);
+}
+#endif
+
+// Cm[M, N] += A · Bm (A(i, k) = A[i·a_si + k·a_sk]; Bm [K, N], Cm [M, N] row-major). TRI: A is lower
+// triangular (A(i, k) = 0 for k > i, and stored as 0), so row block [i, i+MR) stops at k = i+MR.
+template <typename Acc, bool TRI>
+void gemm_acc(int64_t M, int64_t N, int64_t K, const Acc* A, int64_t a_si, int64_t a_sk, const Acc* Bm, int64_t ldb,
+              Acc* Cm, int64_t ldc) {
+  int64_t j = 0;
+#ifdef CK_VEC
+  constexpr int W = GVec<Acc>::W, NV = CK_GEMM_NV;
+  for (; j + NV * W <= N; j += NV * W) gemm_cols<Acc, NV, TRI>(M, K, A, a_si, a_sk, Bm + j, ldb, Cm + j, ldc);
+  for (; j + W <= N; j += W) gemm_cols<Acc, 1, TRI>(M, K, A, a_si, a_sk, Bm + j, ldb, Cm + j, ldc);
+#endif
+  for (; j < N; ++j)
+    for (int64_t i = 0; i < M; ++i) {
+      Acc s = Cm[i * ldc + j];
+      const int64_t kk = TRI ? std::min(K, i + 1) : K;
+      for (int64_t k = 0; k < kk; ++k) s += A[i * a_si + k * a_sk] * Bm[k * ldb + j];
+      Cm[i * ldc + j] = s;
+    }
+}
+
+// C Bᵀ of every (batch, group, chunk): cb[(bi·g + gi)·K + k] is [Q, Q] row-major (lower part used).
+template <typename T, typename Acc>
+void chunk_cb(const Ctx<T, Acc>& c, Acc* cb, int nt) {
+  const SsdArgs& a = c.a;
+  const int64_t Q = a.chunk_size, n = a.n, tasks = a.b * a.g * c.K;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<Acc> bt(n * Q), cc(Q * n);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t k = task % c.K, gi = (task / c.K) % a.g, bi = task / (c.K * a.g);
+      const int64_t t0 = k * Q, q = std::min(Q, a.l - t0);
+      for (int64_t s = 0; s < q; ++s) {
+        const T* bp = c.B + bi * a.bs[0] + (t0 + s) * a.bs[1] + gi * a.bs[2];
+        const T* cp = c.C + bi * a.cs[0] + (t0 + s) * a.cs[1] + gi * a.cs[2];
+        for (int64_t j = 0; j < n; ++j) {
+          bt[j * Q + s] = to_acc<Acc>(bp[j * a.bs[3]]);
+          cc[s * n + j] = to_acc<Acc>(cp[j * a.cs[3]]);
+        }
+      }
+      Acc* out = cb + task * Q * Q;
+      std::fill(out, out + Q * Q, Acc(0));
+      gemm_acc<Acc, false>(q, q, n, cc.data(), n, 1, bt.data(), Q, out, Q);
+    }
+  }
+}
+
+template <typename T, typename Acc>
+struct ChunkWork {
+  std::vector<Acc> xt, xr, zr, bc, cc, m, y, y2, ht, cs, ecs, ecn;
+  ChunkWork(int64_t Q, int64_t p, int64_t n)
+      : xt(Q * p), xr(Q * p), zr(Q * p), bc(Q * n), cc(Q * n), m(Q * Q), y(Q * p), y2(Q * p), ht(n * p), cs(Q),
+        ecs(Q), ecn(Q) {}
+};
+
+template <typename T, typename Acc>
+void forward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64_t hi, T* out, Acc* fin, Acc* H,
+                         ChunkWork<T, Acc>& w) {
+  const SsdArgs& a = c.a;
+  const int64_t p = a.p, n = a.n, pn = p * n, gi = hi / c.hpg, Q = a.chunk_size;
+  if (c.init) std::copy(c.init + (bi * a.h + hi) * pn, c.init + (bi * a.h + hi + 1) * pn, H);
+  else std::fill(H, H + pn, Acc(0));
+  bool hzero = !c.init;  // skip the state-to-output product while the state is exactly zero
+  const Acc Ah = c.A[hi], loglam = std::log(static_cast<Acc>(a.decay_scale));
+  const Acc* Dh = c.D ? c.D + hi * p : nullptr;
+  for (int64_t k = 0; k < c.K; ++k) {
+    const int64_t t0 = k * Q, q = std::min(Q, a.l - t0);
+    chunk_boundary(c, bi, hi, k, H);
+    // per-step decays (cumulative log within the chunk) and Δ·x
+    Acc run = 0;
+    for (int64_t s = 0; s < q; ++s) {
+      Acc raw, d;
+      c.delta(bi, t0 + s, hi, raw, d);
+      run += d * Ah + loglam;
+      w.cs[s] = run;
+      w.ecs[s] = std::exp(run);
+      w.ecn[s] = std::exp(-run);
+      c.load_row(c.x, a.xs, bi, t0 + s, hi, w.xr.data() + s * p);
+      if (c.z) c.load_row(c.z, a.zs, bi, t0 + s, hi, w.zr.data() + s * p);
+      for (int64_t i = 0; i < p; ++i) w.xt[s * p + i] = d * w.xr[s * p + i];
+    }
+    // B and C rows of the chunk: read in place when they are already unit-stride rows of Acc,
+    // else converted once into the work buffers
+    const Acc *Bk, *Ck;
+    int64_t ldb, ldc;
+    if (std::is_same<T, Acc>::value && a.bs[3] == 1 && a.cs[3] == 1) {
+      Bk = reinterpret_cast<const Acc*>(c.B + bi * a.bs[0] + t0 * a.bs[1] + gi * a.bs[2]);
+      Ck = reinterpret_cast<const Acc*>(c.C + bi * a.cs[0] + t0 * a.cs[1] + gi * a.cs[2]);
+      ldb = a.bs[1];
+      ldc = a.cs[1];
+    } else {
+      for (int64_t s = 0; s < q; ++s) c.load_bc(bi, t0 + s, gi, w.bc.data() + s * n, w.cc.data() + s * n);
+      Bk = w.bc.data();
+      Ck = w.cc.data();
+      ldb = ldc = n;
+    }
+    // intra-chunk: M = C Bᵀ ∘ L (lower triangle; zeros above), Y = M X̃. L[t, s] = e^{cs_t}·e^{−cs_s}
+    // (two table look-ups instead of an exp per entry) while the chunk's decay range keeps both
+    // factors far from overflow, else exp(cs_t − cs_s).
+    const Acc* cbk = cb + ((bi * a.g + gi) * c.K + k) * Q * Q;
+    const Acc range = std::fabs(w.cs[q - 1]);
+    const bool factor = range < Acc(60) && std::isfinite(range);
+    for (int64_t t = 0; t < q; ++t) {
+      Acc* mr = w.m.data() + t * q;
+      const Acc* cr = cbk + t * Q;
+      if (factor) {
+        const Acc et = w.ecs[t];
+        for (int64_t s = 0; s <= t; ++s) mr[s] = cr[s] * (et * w.ecn[s]);
+      } else {
+        for (int64_t s = 0; s <= t; ++s) mr[s] = cr[s] * std::exp(w.cs[t] - w.cs[s]);
+      }
+      for (int64_t s = t + 1; s < q; ++s) mr[s] = 0;
+    }
+    std::fill(w.y.begin(), w.y.begin() + q * p, Acc(0));
+    gemm_acc<Acc, true>(q, p, q, w.m.data(), q, 1, w.xt.data(), p, w.y.data(), p);
+    // state to output: Y += e^{cs} ∘ (C H_inᵀ)  (H_inᵀ copied once per chunk: [n, p])
+    if (!hzero) {
+      for (int64_t i = 0; i < p; ++i)
+        for (int64_t j = 0; j < n; ++j) w.ht[j * p + i] = H[i * n + j];
+      std::fill(w.y2.begin(), w.y2.begin() + q * p, Acc(0));
+      gemm_acc<Acc, false>(q, p, n, Ck, ldc, 1, w.ht.data(), p, w.y2.data(), p);
+      for (int64_t s = 0; s < q; ++s) {
+        const Acc e = w.ecs[s];
+        for (int64_t i = 0; i < p; ++i) w.y[s * p + i] += e * w.y2[s * p + i];
+      }
+    }
+    // outputs: + D x, gate
+    for (int64_t s = 0; s < q; ++s) {
+      T* o = out + ((bi * a.l + t0 + s) * a.h + hi) * p;
+      for (int64_t i = 0; i < p; ++i) {
+        Acc y = w.y[s * p + i];
+        if (Dh) y += Dh[i] * w.xr[s * p + i];
+        if (c.z) y *= silu(w.zr[s * p + i]);
+        o[i] = from_acc<T>(y);
+      }
+    }
+    // state passing: H ← e^{cs_last} H + (e^{cs_last − cs} ∘ X̃)ᵀ B
+    const Acc last = w.cs[q - 1], el = std::exp(last);
+    if (!hzero)
+      for (int64_t j = 0; j < pn; ++j) H[j] *= el;
+    for (int64_t s = 0; s < q; ++s) {
+      const Acc f = factor ? el * w.ecn[s] : std::exp(last - w.cs[s]);
+      for (int64_t i = 0; i < p; ++i) w.xt[s * p + i] *= f;
+    }
+    gemm_acc<Acc, false>(p, n, q, w.xt.data(), 1, p, Bk, ldb, H, n);
+    hzero = false;
+  }
+  if (fin) std::copy(H, H + pn, fin + (bi * a.h + hi) * pn);
+}
+
+template <typename T, typename Acc>
+void forward_chunked(const Ctx<T, Acc>& c, T* out, Acc* fin, int nt) {
+  const SsdArgs& a = c.a;
+  const int64_t Q = a.chunk_size;
+  std::vector<Acc> cb(static_cast<size_t>(a.b * a.g * c.K) * Q * Q);
+  chunk_cb(c, cb.data(), nt);
+  const int64_t tasks = a.b * a.h;
+#pragma omp parallel num_threads(nt)
+  {
+    ChunkWork<T, Acc> w(Q, a.p, a.n);
+    std::vector<Acc> H(a.p * a.n);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task)
+      forward_chunked_one(c, cb.data(), task / a.h, task % a.h, out, fin, H.data(), w);
+  }
+}
+
 void check(const SsdArgs& a, const char* fn) {
   if (a.b < 0 || a.l < 0 || a.h < 1 || a.p < 0 || a.g < 1 || a.n < 0 || a.h % a.g != 0 || a.chunk_size < 1 ||
       a.xs.size() != 4 || a.dts.size() != 3 || a.bs.size() != 4 || a.cs.size() != 4 || (a.z && a.zs.size() != 4))
@@ -492,6 +735,11 @@ void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, ui
     using Acc = decltype(acc_tag);
     const Ctx<T, Acc> c(a);
     const int64_t tasks = a.b * a.h;
+    const int path = a.path ? a.path : ::collapsekit::choose_ssd_path(a, norms != 0);
+    if (path == 2 && !norms && a.l > 0 && a.p > 0 && a.n > 0) {
+      forward_chunked(c, reinterpret_cast<T*>(out), reinterpret_cast<Acc*>(final_state), nt);
+      return;
+    }
 #pragma omp parallel num_threads(nt)
     {
       std::vector<Acc> work(a.p * a.n + 4 * a.n + 4 * a.p);
@@ -529,4 +777,15 @@ void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64
 }
 
 }  // namespace COLLAPSEKIT_ISA
+
+#ifdef COLLAPSEKIT_ISA_BASE
+int choose_ssd_path(const SsdArgs& a, bool want_norms) {
+  // Per-step norms come from the recurrence (the chunked form has no cheap per-step ‖H_t‖);
+  // otherwise chunked once there are enough steps per chunk to amortise the chunk overheads
+  // (docs/ssd_scan.md, "Choosing the path").
+  if (want_norms) return 1;
+  if (a.l < 2 * a.chunk_size || a.chunk_size < 16 || a.p < 8 || a.n < 8) return 1;
+  return 2;
+}
+#endif
 }  // namespace collapsekit

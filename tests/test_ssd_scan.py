@@ -181,7 +181,7 @@ def test_state_norms_collapse_options_strides_and_empty(backend, device):
 def test_opcheck_and_compile():
     t = make(1, 12, 2, 3, 1, 4, seed=8, grad=True)
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], t["initial_states"], 4, True,
-            0.0, float("inf"), False, 0.9, 1.5, True, True)
+            0.0, float("inf"), False, 0.9, 1.5, True, True, 2)
     torch.library.opcheck(ssd_mod._ssd_scan_cpp, args)
     torch._dynamo.reset()
     f = lambda x, dt, A, B, C: ck.ssd_scan(x, dt, A, B, C, chunk_size=4, dt_softplus=True).sum()
@@ -194,7 +194,7 @@ def test_opcheck_triton():
     device = "cuda" if HAS_CUDA else "cpu"
     t = make(1, 10, 2, 3, 1, 4, seed=9, device=device, grad=True)
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], None, None, None, 4, False, 0.0, float("inf"), False,
-            1.0, 0.0, True, False)
+            1.0, 0.0, True, False, 0)
     kwargs = {} if HAS_CUDA else dict(test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(ssd_mod._ssd_scan_triton, args, **kwargs)
 
@@ -262,3 +262,62 @@ def test_dt_limit_always_clamps_and_chunk_size_positional(backend, device):
     (g,) = torch.autograd.grad(out.sum(), [dt])
     assert bool((g[dt < 0] == 0).all()) and bool((g[dt > 0] != 0).any())
     assert_close(ck.ssd_scan(t["x"], dt, t["A"], t["B"], t["C"], chunk_size=8, backend=backend), out, torch.float64)
+
+
+# shapes for the two cpp forward paths: odd l, l < chunk, l not a multiple of the chunk, groups,
+# headdim / dstate around the vector widths (16 fp32 lanes, 4-row register blocks)
+PATH_SHAPES = [(2, 131, 4, 7, 2, 9, 32), (1, 45, 3, 37, 1, 40, 16), (1, 11, 2, 17, 1, 33, 16), (1, 70, 4, 64, 2, 20, 64)]
+
+
+@pytest.mark.parametrize("path", ["chunked", "recurrent"])
+def test_cpp_paths_each_isa(cpu_isa, path):
+    for i, (b, l, h, p, g, n, cs) in enumerate(PATH_SHAPES):
+        for opts in ("all", "collapse", "Dhead", "plain"):
+            o = OPTION_SETS[opts]
+            t = make(b, l, h, p, g, n, seed=20 + i)
+            got = _call(ck.ssd_scan, t, o, chunk_size=cs, return_final_states=True, backend="cpp", path=path)
+            want = _call(ref.ssd_scan, t, o, chunk_size=cs, return_final_states=True)
+            for a, b_ in zip(got, want):
+                assert_close(a, b_, torch.float64)
+        # fp32, strided B (not unit-stride rows: the chunked path converts them)
+        t = make(b, l, h, p, g, n, dtype=torch.float32, seed=30 + i)
+        Bs = t["B"].transpose(1, 3).contiguous().transpose(1, 3)
+        got = ck.ssd_scan(t["x"], t["dt"], t["A"], Bs, t["C"], cs, D=t["D"], backend="cpp", path=path)
+        want = ref.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], cs, D=t["D"])
+        assert_close(got, want, torch.float32, scale=float(want.abs().max()))
+
+
+def test_cpp_chunked_gradients_and_gradcheck():
+    # the backward runs from the chunked forward's checkpoints (the same as the recurrent path's)
+    o = OPTION_SETS["collapse"]
+    t = make(1, 50, 4, 9, 2, 10, seed=40, grad=True)
+    tr = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+    out, fin = _call(ck.ssd_scan, t, o, chunk_size=16, return_final_states=True, backend="cpp", path="chunked")
+    wout, wfin = _call(ref.ssd_scan, tr, o, chunk_size=16, return_final_states=True)
+    names = ["x", "dt", "A", "B", "C", "z", "initial_states"]
+    gen = torch.Generator().manual_seed(41)
+    go, gf = torch.randn(wout.shape, generator=gen, dtype=torch.float64), torch.randn(wfin.shape, generator=gen,
+                                                                                          dtype=torch.float64)
+    got = torch.autograd.grad([out, fin], [t[k] for k in names], [go, gf])
+    want = torch.autograd.grad([wout, wfin], [tr[k] for k in names], [go, gf])
+    for a, b_ in zip(got, want):
+        assert_close(a, b_, torch.float64, scale=max(1.0, float(b_.abs().max())))
+    s = make(1, 7, 2, 2, 1, 3, seed=42, grad=True)
+    f = lambda x, dt, A, B, C, D: ck.ssd_scan(x, dt, A, B, C, 3, D=D, dt_softplus=True, backend="cpp",
+                                               path="chunked", state_norm_max=1.0)
+    assert torch.autograd.gradcheck(f, tuple(s[k] for k in ("x", "dt", "A", "B", "C", "D")))
+
+
+def test_path_argument_and_auto_rule():
+    t = make(1, 10, 2, 3, 1, 4, seed=43)
+    with pytest.raises(ValueError, match="path for the cpp backend must be one of"):
+        ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], backend="cpp", path="fast")
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="path for the triton backend"):
+            ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], backend="triton", path="chunked")
+    C_ = ck._dispatch.cpp()
+    a = C_.SsdArgs()
+    a.l, a.p, a.n, a.chunk_size = 2048, 64, 128, 64
+    assert C_.choose_ssd_path(a, False) == 2 and C_.choose_ssd_path(a, True) == 1  # norms: recurrence
+    a.l = 100
+    assert C_.choose_ssd_path(a, False) == 1  # short sequences (decode-like): recurrence

@@ -30,7 +30,7 @@ def _num_chunks(l: int, chunk_size: int) -> int:
 # ----------------------------------------------------------------------------------- cpp ------
 
 def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp, decay_scale,
-          state_norm_max, ckpt, pre):
+          state_norm_max, ckpt, pre, path=0):
     C_ = _dispatch.cpp()
     a = C_.SsdArgs()
     a.dtype = _dispatch.FLOAT_CODES[x.dtype]
@@ -49,6 +49,7 @@ def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, 
     a.init = init.data_ptr() if init is not None else 0
     a.ckpt = ckpt.data_ptr() if ckpt is not None and ckpt.numel() else 0
     a.pre_norms = pre.data_ptr() if pre is not None and pre.numel() else 0
+    a.path = path
     a.num_threads = _dispatch.num_threads()
     return a
 
@@ -57,10 +58,12 @@ def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, 
 def _ssd_scan_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                   dt_bias: Optional[Tensor], initial_states: Optional[Tensor], chunk_size: int, dt_softplus: bool,
                   dt_min: float, dt_max: float, dt_clamp: bool, decay_scale: float, state_norm_max: float,
-                  save_checkpoints: bool, want_norms: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  save_checkpoints: bool, want_norms: bool, path: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, l, h, p = x.shape
     n = B.shape[3]
     acc = _acc(x)
+    if path not in (0, 1, 2):
+        raise ValueError(f"collapsekit::ssd_scan_cpp: path must be 0 (auto), 1 (recurrent) or 2 (chunked), got {path}")
     out = torch.empty(b, l, h, p, dtype=x.dtype)
     final = torch.empty(b, h, p, n, dtype=acc)
     norms = torch.empty(b, l, h, dtype=acc) if want_norms else x.new_empty(0, dtype=acc)
@@ -68,7 +71,7 @@ def _ssd_scan_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
     ckpt = torch.empty(b, h, k, p, n, dtype=acc) if save_checkpoints else x.new_empty(0, dtype=acc)
     pre = torch.zeros(b, h, k, dtype=acc) if save_checkpoints and state_norm_max > 0 else x.new_empty(0, dtype=acc)
     a = _args(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-              decay_scale, state_norm_max, ckpt, pre)
+              decay_scale, state_norm_max, ckpt, pre, path)
     _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr() if want_norms else 0)
     return out, final, norms, ckpt, pre
 
@@ -114,7 +117,7 @@ def _ssd_scan_triton_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
                           z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
                           chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float, dt_clamp: bool,
                           decay_scale: float, state_norm_max: float,
-                          save_checkpoints: bool, want_norms: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          save_checkpoints: bool, want_norms: bool, path: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import ssd_scan as k
 
     out, final, norms, ckpt, pre = k.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus,
@@ -143,7 +146,7 @@ _ssd_scan_backward_triton = _op("collapsekit::ssd_scan_backward_triton", _ssd_sc
 # ------------------------------------------------------------------------ fake + autograd ------
 
 def _fake(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-          decay_scale, state_norm_max, save_checkpoints, want_norms):
+          decay_scale, state_norm_max, save_checkpoints, want_norms, path):
     b, l, h, p = x.shape
     n = B.shape[3]
     acc = _acc(x)
@@ -187,7 +190,7 @@ def _make_autograd(backward_op):
                                                                 ckpt, pre, *ctx.flags)
         has_d, has_z, has_bias, has_init = ctx.has
         return (dx, ddt, dA, dB, dC, dD if has_d else None, dz if has_z else None, dbias if has_bias else None,
-                dinit if has_init else None) + (None,) * 9
+                dinit if has_init else None) + (None,) * 10
 
     return backward, setup_context
 
@@ -200,6 +203,9 @@ for _fwd, _bwd in ((_ssd_scan_cpp, _ssd_scan_backward_cpp), (_ssd_scan_triton, _
 
 
 # -------------------------------------------------------------------------------- public ------
+
+_PATHS = {"cpp": ("auto", "recurrent", "chunked"), "triton": ("auto", "recurrent")}
+
 
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, decay_scale, state_norm_max):
     op = "ssd_scan"
@@ -257,7 +263,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
              initial_states: Optional[Tensor] = None, dt_softplus: bool = False,
              dt_limit: Tuple[float, float] = (0.0, INF), return_final_states: bool = False,
              return_state_norms: bool = False, decay_scale: float = 1.0, state_norm_max: Optional[float] = None,
-             backend: str = "auto"):
+             backend: str = "auto", path: str = "auto"):
     """The SSD (Mamba-2) scan, with the semantics of mamba-ssm's ``mamba_chunk_scan_combined``.
 
     ::
@@ -283,6 +289,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         return_final_states / return_state_norms: also return the final state
             ``(batch, nheads, headdim, dstate)`` and ``‖H_t‖_F`` ``(batch, seqlen, nheads)``
             (accumulation dtype; the norms are not differentiable).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        path: the forward algorithm, for tuning and tests: ``"auto"`` (the measured rule of
+            docs/ssd_scan.md), ``"recurrent"`` or (cpp) ``"chunked"``. Same result up to rounding.
 
     Returns:
         ``out`` (x's shape and dtype), then the final states, then the state norms, as requested.
@@ -315,11 +324,14 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     dt_clamp = True  # always (mamba-ssm's kernel clamps even with the default (0, inf))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
+    if path not in _PATHS.get(backend, ()):
+        raise ValueError(f"{op}: path for the {backend} backend must be one of {_PATHS.get(backend, ('auto',))}, "
+                         f"got {path!r}")
     fn = _ssd_scan_cpp if backend == "cpp" else _ssd_scan_triton
     out, final, norms, _, _ = fn(x, dt_c, A_c, B_c, C_c, D_c, z_c, bias_c, init_c, chunk_size, bool(dt_softplus),
                                  float(dt_limit[0]), float(dt_limit[1]), dt_clamp, float(decay_scale),
                                  float(state_norm_max) if state_norm_max is not None else 0.0, needs_grad,
-                                 bool(return_state_norms))
+                                 bool(return_state_norms), _PATHS[backend].index(path))
     res = [out]
     if return_final_states:
         res.append(final)
