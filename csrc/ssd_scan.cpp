@@ -719,6 +719,189 @@ void forward_chunked(const Ctx<T, Acc>& c, T* out, Acc* fin, int nt) {
   }
 }
 
+// The backward of the chunked form, per (batch, head), chunks in reverse, from the same
+// checkpoints (H_in of every chunk) as the recurrent backward. With dY the gradient of the chunk's
+// pre-gate output (minus D x), dH the gradient of the state leaving the chunk, P = dY X̃ᵀ ∘ L:
+//   dX̃  = Mᵀ dY + diag(w) B dHᵀ                       (M = C Bᵀ ∘ L, w_s = e^{cs_last − cs_s})
+//   dC  = P B + diag(e^{cs}) dY H_in,   dB = Pᵀ C + diag(w) X̃ dH
+//   dH_in = e^{cs_last} dH + (diag(e^{cs}) dY)ᵀ C
+//   dcs (→ d log a by a reverse cumulative sum): from L (rows − columns of P ∘ C Bᵀ), from
+//   e^{cs} (dY · Y_off), from w and e^{cs_last} (the state passing)
+// then the Jacobian of the state_norm_max rescaling at the chunk's start, as in backward_one.
+template <typename T, typename Acc>
+struct ChunkBwdWork {
+  std::vector<Acc> xr, xt, xT, zr, dy, dys, y2, yi, m, pm, tmp, dxt, dhT, dbb, dcb, tn, hin, dhin, bc, cc, cs, ecs,
+      ecn, dcs, dl, raw;
+  ChunkBwdWork(int64_t Q, int64_t p, int64_t n)
+      : xr(Q * p), xt(Q * p), xT(p * Q), zr(Q * p), dy(Q * p), dys(Q * p), y2(Q * p), yi(Q * p), m(Q * Q), pm(Q * Q),
+        tmp(Q * p), dxt(Q * p), dhT(n * p), dbb(Q * n), dcb(Q * n), tn(Q * n), hin(p * n), dhin(p * n), bc(Q * n),
+        cc(Q * n), cs(Q), ecs(Q), ecn(Q), dcs(Q), dl(Q), raw(Q) {}
+};
+
+template <typename T, typename Acc>
+void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64_t hi, const T* dout,
+                          const std::vector<int64_t>& dos, const Acc* dfinal, T* dx, T* dz, Acc* ddt, Acc* dA, Acc* dB,
+                          Acc* dC, Acc* dD, Acc* dinit, Acc* dH, ChunkBwdWork<T, Acc>& w) {
+  const SsdArgs& a = c.a;
+  const int64_t p = a.p, n = a.n, pn = p * n, gi = hi / c.hpg, Q = a.chunk_size;
+  const Acc Ah = c.A[hi], loglam = std::log(static_cast<Acc>(a.decay_scale));
+  const Acc* Dh = c.D ? c.D + hi * p : nullptr;
+  Acc dAh = 0;
+  Acc* dDh = dD ? dD + (bi * a.h + hi) * p : nullptr;
+  if (dDh) std::fill(dDh, dDh + p, Acc(0));
+  if (dfinal) std::copy(dfinal + (bi * a.h + hi) * pn, dfinal + (bi * a.h + hi + 1) * pn, dH);
+  else std::fill(dH, dH + pn, Acc(0));
+  for (int64_t k = c.K - 1; k >= 0; --k) {
+    const int64_t t0 = k * Q, q = std::min(Q, a.l - t0);
+    const Acc* Hin = c.ckpt_at(bi, hi, k);
+    Acc run = 0;
+    for (int64_t s = 0; s < q; ++s) {
+      Acc d;
+      c.delta(bi, t0 + s, hi, w.raw[s], d);
+      w.dl[s] = d;
+      run += d * Ah + loglam;
+      w.cs[s] = run;
+      w.ecs[s] = std::exp(run);
+      w.ecn[s] = std::exp(-run);
+      c.load_row(c.x, a.xs, bi, t0 + s, hi, w.xr.data() + s * p);
+      if (c.z) c.load_row(c.z, a.zs, bi, t0 + s, hi, w.zr.data() + s * p);
+      c.load_row(dout, dos, bi, t0 + s, hi, w.dy.data() + s * p);
+      for (int64_t i = 0; i < p; ++i) {
+        w.xt[s * p + i] = d * w.xr[s * p + i];
+        w.xT[i * q + s] = w.xt[s * p + i];
+      }
+      c.load_bc(bi, t0 + s, gi, w.bc.data() + s * n, w.cc.data() + s * n);
+    }
+    const Acc* Bk = w.bc.data();
+    const Acc* Ck = w.cc.data();
+    const Acc range = std::fabs(w.cs[q - 1]);
+    const bool factor = range < Acc(60) && std::isfinite(range);
+    const Acc last = w.cs[q - 1], el = w.ecs[q - 1];
+    auto Lts = [&](int64_t t, int64_t s) { return factor ? w.ecs[t] * w.ecn[s] : std::exp(w.cs[t] - w.cs[s]); };
+    // M = C Bᵀ ∘ L (lower triangle, zeros above)
+    const Acc* cbk = cb + ((bi * a.g + gi) * c.K + k) * Q * Q;
+    for (int64_t t = 0; t < q; ++t) {
+      for (int64_t s = 0; s <= t; ++s) w.m[t * q + s] = cbk[t * Q + s] * Lts(t, s);
+      for (int64_t s = t + 1; s < q; ++s) w.m[t * q + s] = 0;
+    }
+    // Y_off / e^{cs} = C H_inᵀ (for dcs, and for the gate's y)
+    for (int64_t i = 0; i < p; ++i)
+      for (int64_t j = 0; j < n; ++j) w.dhT[j * p + i] = Hin[i * n + j];  // (H_inᵀ; dhT reused below)
+    std::fill(w.y2.begin(), w.y2.begin() + q * p, Acc(0));
+    gemm_acc<Acc, false>(q, p, n, Ck, n, 1, w.dhT.data(), p, w.y2.data(), p);
+    // the gate: dY = dout · silu(z), dz = dout · y · silu'(z) with y = M X̃ + e^{cs} Y2 + D x
+    if (c.z) {
+      std::fill(w.yi.begin(), w.yi.begin() + q * p, Acc(0));
+      gemm_acc<Acc, true>(q, p, q, w.m.data(), q, 1, w.xt.data(), p, w.yi.data(), p);
+    }
+    for (int64_t s = 0; s < q; ++s) {
+      const int64_t row = ((bi * a.l + t0 + s) * a.h + hi) * p;
+      for (int64_t i = 0; i < p; ++i) {
+        Acc g = w.dy[s * p + i];
+        if (c.z) {
+          Acc y = w.yi[s * p + i] + w.ecs[s] * w.y2[s * p + i];
+          if (Dh) y += Dh[i] * w.xr[s * p + i];
+          const Acc zv = w.zr[s * p + i], sg = sigmoid(zv);
+          dz[row + i] = from_acc<T>(g * y * sg * (Acc(1) + zv * (Acc(1) - sg)));
+          g *= zv * sg;
+        }
+        w.dy[s * p + i] = g;
+        w.dys[s * p + i] = w.ecs[s] * g;
+        if (dDh) dDh[i] += g * w.xr[s * p + i];
+      }
+    }
+    // dcs from e^{cs} in Y_off
+    for (int64_t s = 0; s < q; ++s) {
+      Acc v = 0;
+      for (int64_t i = 0; i < p; ++i) v += w.dys[s * p + i] * w.y2[s * p + i];
+      w.dcs[s] = v;
+    }
+    // P = dY X̃ᵀ ∘ L; dcs from L
+    std::fill(w.pm.begin(), w.pm.begin() + q * q, Acc(0));
+    gemm_acc<Acc, false>(q, q, p, w.dy.data(), p, 1, w.xT.data(), q, w.pm.data(), q);
+    for (int64_t t = 0; t < q; ++t) {
+      for (int64_t s = 0; s <= t; ++s) {
+        const Acc pl = w.pm[t * q + s] * Lts(t, s);
+        w.pm[t * q + s] = pl;
+        const Acc r = pl * cbk[t * Q + s];
+        w.dcs[t] += r;
+        w.dcs[s] -= r;
+      }
+      for (int64_t s = t + 1; s < q; ++s) w.pm[t * q + s] = 0;
+    }
+    // dC = P B + diag(e^{cs}) dY H_in ;  dB = Pᵀ C + diag(w) X̃ dH
+    std::fill(w.dcb.begin(), w.dcb.begin() + q * n, Acc(0));
+    gemm_acc<Acc, true>(q, n, q, w.pm.data(), q, 1, Bk, n, w.dcb.data(), n);
+    gemm_acc<Acc, false>(q, n, p, w.dys.data(), p, 1, Hin, n, w.dcb.data(), n);
+    std::fill(w.dbb.begin(), w.dbb.begin() + q * n, Acc(0));
+    gemm_acc<Acc, false>(q, n, q, w.pm.data(), 1, q, Ck, n, w.dbb.data(), n);
+    std::fill(w.tn.begin(), w.tn.begin() + q * n, Acc(0));
+    gemm_acc<Acc, false>(q, n, p, w.xt.data(), p, 1, dH, n, w.tn.data(), n);
+    // dX̃ = Mᵀ dY + diag(w) B dHᵀ ; dw_s = X̃_s · (B dHᵀ)_s
+    for (int64_t i = 0; i < p; ++i)
+      for (int64_t j = 0; j < n; ++j) w.dhT[j * p + i] = dH[i * n + j];
+    std::fill(w.dxt.begin(), w.dxt.begin() + q * p, Acc(0));
+    gemm_acc<Acc, false>(q, p, q, w.m.data(), 1, q, w.dy.data(), p, w.dxt.data(), p);
+    std::fill(w.tmp.begin(), w.tmp.begin() + q * p, Acc(0));
+    gemm_acc<Acc, false>(q, p, n, Bk, n, 1, w.dhT.data(), p, w.tmp.data(), p);
+    Acc dlast = 0;
+    for (int64_t s = 0; s < q; ++s) {
+      const Acc ws = factor ? el * w.ecn[s] : std::exp(last - w.cs[s]);
+      Acc dw = 0;
+      for (int64_t i = 0; i < p; ++i) {
+        dw += w.xt[s * p + i] * w.tmp[s * p + i];
+        w.dxt[s * p + i] += ws * w.tmp[s * p + i];
+      }
+      dlast += ws * dw;
+      w.dcs[s] -= ws * dw;
+      const int64_t row = ((bi * a.l + t0 + s) * a.h + hi) * n;
+      for (int64_t j = 0; j < n; ++j) {
+        dB[row + j] = w.dbb[s * n + j] + ws * w.tn[s * n + j];
+        dC[row + j] = w.dcb[s * n + j];
+      }
+    }
+    // dH_in = e^{cs_last} dH + (diag(e^{cs}) dY)ᵀ C ; dcs_last from e^{cs_last} H_in
+    Acc hd = 0;
+    for (int64_t j = 0; j < pn; ++j) {
+      hd += dH[j] * Hin[j];
+      w.dhin[j] = el * dH[j];
+    }
+    dlast += el * hd;
+    w.dcs[q - 1] += dlast;
+    gemm_acc<Acc, false>(p, n, q, w.dys.data(), 1, p, Ck, n, w.dhin.data(), n);
+    // per step: dx, dΔ, d log a (reverse cumulative sum of dcs), dA
+    Acc rs = 0;
+    for (int64_t s = q - 1; s >= 0; --s) {
+      rs += w.dcs[s];
+      const int64_t row = ((bi * a.l + t0 + s) * a.h + hi) * p;
+      Acc dd = 0;
+      for (int64_t i = 0; i < p; ++i) {
+        const Acc gx = w.dxt[s * p + i];
+        dd += gx * w.xr[s * p + i];
+        Acc v = w.dl[s] * gx;
+        if (Dh) v += Dh[i] * w.dy[s * p + i];
+        dx[row + i] = from_acc<T>(v);
+      }
+      dd += rs * Ah;
+      dAh += rs * w.dl[s];
+      ddt[(bi * a.l + t0 + s) * a.h + hi] = dd * c.delta_grad(w.raw[s]);
+    }
+    std::copy(w.dhin.begin(), w.dhin.begin() + pn, dH);
+    if (k > 0 && a.state_norm_max > 0) {  // back through H ← H · min(1, τ/‖H‖) at the boundary
+      const Acc nrm = c.pre[(bi * a.h + hi) * c.K + k];
+      const Acc tau = static_cast<Acc>(a.state_norm_max);
+      if (nrm > tau) {
+        Acc hv = 0;
+        for (int64_t j = 0; j < pn; ++j) hv += Hin[j] * dH[j];
+        const Acc f = tau / nrm, qq = hv / (tau * tau);
+        for (int64_t j = 0; j < pn; ++j) dH[j] = f * (dH[j] - Hin[j] * qq);
+      }
+    }
+  }
+  dA[bi * a.h + hi] = dAh;
+  if (dinit) std::copy(dH, dH + pn, dinit + (bi * a.h + hi) * pn);
+}
+
 void check(const SsdArgs& a, const char* fn) {
   if (a.b < 0 || a.l < 0 || a.h < 1 || a.p < 0 || a.g < 1 || a.n < 0 || a.h % a.g != 0 || a.chunk_size < 1 ||
       a.xs.size() != 4 || a.dts.size() != 3 || a.bs.size() != 4 || a.cs.size() != 4 || (a.z && a.zs.size() != 4))
@@ -763,6 +946,24 @@ void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64
     using Acc = decltype(acc_tag);
     const Ctx<T, Acc> c(a);
     const int64_t tasks = a.b * a.h, cs = a.chunk_size;
+    const int path = a.path ? a.path : ::collapsekit::choose_ssd_path(a, false);
+    if (path == 2 && a.l > 0 && a.p > 0 && a.n > 0) {
+      std::vector<Acc> cb(static_cast<size_t>(a.b * a.g * c.K) * cs * cs);
+      chunk_cb(c, cb.data(), nt);
+#pragma omp parallel num_threads(nt)
+      {
+        ChunkBwdWork<T, Acc> w(cs, a.p, a.n);
+        std::vector<Acc> dH(a.p * a.n);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; ++task)
+          backward_chunked_one(c, cb.data(), task / a.h, task % a.h, reinterpret_cast<const T*>(dout), dos,
+                               reinterpret_cast<const Acc*>(dfinal), reinterpret_cast<T*>(dx), reinterpret_cast<T*>(dz),
+                               reinterpret_cast<Acc*>(ddt), reinterpret_cast<Acc*>(dA), reinterpret_cast<Acc*>(dB),
+                               reinterpret_cast<Acc*>(dC), reinterpret_cast<Acc*>(dD), reinterpret_cast<Acc*>(dinit),
+                               dH.data(), w);
+      }
+      return;
+    }
 #pragma omp parallel num_threads(nt)
     {
       std::vector<Acc> work((cs + 2) * a.p * a.n + 4 * a.n + 3 * a.p + 3 * cs);

@@ -287,12 +287,13 @@ def test_cpp_paths_each_isa(cpu_isa, path):
         assert_close(got, want, torch.float32, scale=float(want.abs().max()))
 
 
-def test_cpp_chunked_gradients_and_gradcheck():
-    # the backward runs from the chunked forward's checkpoints (the same as the recurrent path's)
+@pytest.mark.parametrize("path", ["chunked", "recurrent"])
+def test_cpp_path_gradients_and_gradcheck(path):
+    # both backward algorithms run from the same checkpoints (the states entering every chunk)
     o = OPTION_SETS["collapse"]
     t = make(1, 50, 4, 9, 2, 10, seed=40, grad=True)
     tr = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
-    out, fin = _call(ck.ssd_scan, t, o, chunk_size=16, return_final_states=True, backend="cpp", path="chunked")
+    out, fin = _call(ck.ssd_scan, t, o, chunk_size=16, return_final_states=True, backend="cpp", path=path)
     wout, wfin = _call(ref.ssd_scan, tr, o, chunk_size=16, return_final_states=True)
     names = ["x", "dt", "A", "B", "C", "z", "initial_states"]
     gen = torch.Generator().manual_seed(41)
@@ -304,7 +305,7 @@ def test_cpp_chunked_gradients_and_gradcheck():
         assert_close(a, b_, torch.float64, scale=max(1.0, float(b_.abs().max())))
     s = make(1, 7, 2, 2, 1, 3, seed=42, grad=True)
     f = lambda x, dt, A, B, C, D: ck.ssd_scan(x, dt, A, B, C, 3, D=D, dt_softplus=True, backend="cpp",
-                                               path="chunked", state_norm_max=1.0)
+                                               path=path, state_norm_max=1.0)
     assert torch.autograd.gradcheck(f, tuple(s[k] for k in ("x", "dt", "A", "B", "C", "D")))
 
 

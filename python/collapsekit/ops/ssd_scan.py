@@ -81,7 +81,7 @@ def _ssd_scan_backward_cpp(gout: Tensor, gfinal: Optional[Tensor], x: Tensor, dt
                            C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                            initial_states: Optional[Tensor], ckpt: Tensor, pre: Tensor, chunk_size: int,
                            dt_softplus: bool, dt_min: float, dt_max: float, dt_clamp: bool, decay_scale: float,
-                           state_norm_max: float) -> List[Tensor]:
+                           state_norm_max: float, path: int) -> List[Tensor]:
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     acc = _acc(x)
@@ -96,7 +96,7 @@ def _ssd_scan_backward_cpp(gout: Tensor, gfinal: Optional[Tensor], x: Tensor, dt
     dinit = torch.empty(b, h, p, n, dtype=acc)
     gf = gfinal.to(acc).contiguous() if gfinal is not None else None
     a = _args(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-              decay_scale, state_norm_max, ckpt, pre)
+              decay_scale, state_norm_max, ckpt, pre, path if path in (0, 1, 2) else 0)
     _dispatch.cpp().ssd_scan_backward(a, gout.data_ptr(), list(gout.stride()), gf.data_ptr() if gf is not None else 0,
                                       dx.data_ptr(), dz.data_ptr() if z is not None else 0, ddt.data_ptr(),
                                       dA.data_ptr(), dB.data_ptr(), dC.data_ptr(),
@@ -129,7 +129,8 @@ def _ssd_scan_backward_triton_impl(gout: Tensor, gfinal: Optional[Tensor], x: Te
                                    B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                                    dt_bias: Optional[Tensor], initial_states: Optional[Tensor], ckpt: Tensor,
                                    pre: Tensor, chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float,
-                                   dt_clamp: bool, decay_scale: float, state_norm_max: float) -> List[Tensor]:
+                                   dt_clamp: bool, decay_scale: float, state_norm_max: float,
+                                   path: int) -> List[Tensor]:
     from ..kernels import ssd_scan as k
 
     grads = k.backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size,
@@ -156,7 +157,7 @@ def _fake(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus
 
 
 def _fake_backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size, dt_softplus,
-                   dt_min, dt_max, dt_clamp, decay_scale, state_norm_max):
+                   dt_min, dt_max, dt_clamp, decay_scale, state_norm_max, path):
     b, l, h, p = x.shape
     acc = _acc(x)
     return [x.new_empty(x.shape), x.new_empty(x.shape) if z is not None else x.new_empty(0),
@@ -171,7 +172,7 @@ _FLAGS = ("chunk_size", "dt_softplus", "dt_min", "dt_max", "dt_clamp", "decay_sc
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
         x, dt, A, B, C, D, z, dt_bias, init = inputs[:9]
-        ctx.flags = inputs[9:16]
+        ctx.flags = inputs[9:16] + (inputs[18],)  # (+ the path: the backward uses the same one)
         ctx.has = (D is not None, z is not None, dt_bias is not None, init is not None)
         _, _, _, ckpt, pre = output
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, ckpt, pre)
