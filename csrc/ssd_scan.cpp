@@ -541,20 +541,26 @@ inline void ukernel(int64_t K, const Acc* __restrict A, int64_t a_si, int64_t a_
     for (int v = 0; v < NV; ++v) vstore(Cm + r * ldc + v * W, acc[r][v]);
 }
 
-template <typename Acc, int NV, bool TRI>
+// TRI: 0 dense; 1 A lower triangular (row block [i, i+MR) stops at k = i+MR); 2 A upper triangular
+// (the block starts at k = i). The skipped entries must be stored as zeros for the block's rows.
+template <typename Acc, int NV, int TRI>
 inline void gemm_cols(int64_t M, int64_t K, const Acc* A, int64_t a_si, int64_t a_sk, const Acc* Bm, int64_t ldb,
                       Acc* Cm, int64_t ldc) {
   constexpr int MR = CK_GEMM_MR;
   int64_t i = 0;
-  for (; i + MR <= M; i += MR)
-    ukernel<Acc, MR, NV>(TRI ? std::min(K, i + MR) : K, A + i * a_si, a_si, a_sk, Bm, ldb, Cm + i * ldc, ldc);
-  for (; i < M; ++i) ukernel<Acc, 1, NV>(TRI ? std::min(K, i + 1) : K, A + i * a_si, a_si, a_sk, Bm, ldb, Cm + i * ldc, ldc);
+  for (; i + MR <= M; i += MR) {
+    const int64_t k0 = TRI == 2 ? std::min(i, K) : 0, k1 = TRI == 1 ? std::min(K, i + MR) : K;
+    ukernel<Acc, MR, NV>(k1 - k0, A + i * a_si + k0 * a_sk, a_si, a_sk, Bm + k0 * ldb, ldb, Cm + i * ldc, ldc);
+  }
+  for (; i < M; ++i) {
+    const int64_t k0 = TRI == 2 ? std::min(i, K) : 0, k1 = TRI == 1 ? std::min(K, i + 1) : K;
+    ukernel<Acc, 1, NV>(k1 - k0, A + i * a_si + k0 * a_sk, a_si, a_sk, Bm + k0 * ldb, ldb, Cm + i * ldc, ldc);
+  }
 }
 #endif
 
-// Cm[M, N] += A · Bm (A(i, k) = A[i·a_si + k·a_sk]; Bm [K, N], Cm [M, N] row-major). TRI: A is lower
-// triangular (A(i, k) = 0 for k > i, and stored as 0), so row block [i, i+MR) stops at k = i+MR.
-template <typename Acc, bool TRI>
+// Cm[M, N] += A · Bm (A(i, k) = A[i·a_si + k·a_sk]; Bm [K, N], Cm [M, N] row-major). TRI as gemm_cols.
+template <typename Acc, int TRI>
 void gemm_acc(int64_t M, int64_t N, int64_t K, const Acc* A, int64_t a_si, int64_t a_sk, const Acc* Bm, int64_t ldb,
               Acc* Cm, int64_t ldc) {
   int64_t j = 0;
@@ -566,8 +572,8 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const Acc* A, int64_t a_si, int64
   for (; j < N; ++j)
     for (int64_t i = 0; i < M; ++i) {
       Acc s = Cm[i * ldc + j];
-      const int64_t kk = TRI ? std::min(K, i + 1) : K;
-      for (int64_t k = 0; k < kk; ++k) s += A[i * a_si + k * a_sk] * Bm[k * ldb + j];
+      const int64_t k0 = TRI == 2 ? std::min(i, K) : 0, k1 = TRI == 1 ? std::min(K, i + 1) : K;
+      for (int64_t k = k0; k < k1; ++k) s += A[i * a_si + k * a_sk] * Bm[k * ldb + j];
       Cm[i * ldc + j] = s;
     }
 }
@@ -594,7 +600,7 @@ void chunk_cb(const Ctx<T, Acc>& c, Acc* cb, int nt) {
       }
       Acc* out = cb + task * Q * Q;
       std::fill(out, out + Q * Q, Acc(0));
-      gemm_acc<Acc, false>(q, q, n, cc.data(), n, 1, bt.data(), Q, out, Q);
+      gemm_acc<Acc, 0>(q, q, n, cc.data(), n, 1, bt.data(), Q, out, Q);
     }
   }
 }
@@ -666,13 +672,13 @@ void forward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64_
       for (int64_t s = t + 1; s < q; ++s) mr[s] = 0;
     }
     std::fill(w.y.begin(), w.y.begin() + q * p, Acc(0));
-    gemm_acc<Acc, true>(q, p, q, w.m.data(), q, 1, w.xt.data(), p, w.y.data(), p);
+    gemm_acc<Acc, 1>(q, p, q, w.m.data(), q, 1, w.xt.data(), p, w.y.data(), p);
     // state to output: Y += e^{cs} ∘ (C H_inᵀ)  (H_inᵀ copied once per chunk: [n, p])
     if (!hzero) {
       for (int64_t i = 0; i < p; ++i)
         for (int64_t j = 0; j < n; ++j) w.ht[j * p + i] = H[i * n + j];
       std::fill(w.y2.begin(), w.y2.begin() + q * p, Acc(0));
-      gemm_acc<Acc, false>(q, p, n, Ck, ldc, 1, w.ht.data(), p, w.y2.data(), p);
+      gemm_acc<Acc, 0>(q, p, n, Ck, ldc, 1, w.ht.data(), p, w.y2.data(), p);
       for (int64_t s = 0; s < q; ++s) {
         const Acc e = w.ecs[s];
         for (int64_t i = 0; i < p; ++i) w.y[s * p + i] += e * w.y2[s * p + i];
@@ -696,7 +702,7 @@ void forward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64_
       const Acc f = factor ? el * w.ecn[s] : std::exp(last - w.cs[s]);
       for (int64_t i = 0; i < p; ++i) w.xt[s * p + i] *= f;
     }
-    gemm_acc<Acc, false>(p, n, q, w.xt.data(), 1, p, Bk, ldb, H, n);
+    gemm_acc<Acc, 0>(p, n, q, w.xt.data(), 1, p, Bk, ldb, H, n);
     hzero = false;
   }
   if (fin) std::copy(H, H + pn, fin + (bi * a.h + hi) * pn);
@@ -730,10 +736,10 @@ void forward_chunked(const Ctx<T, Acc>& c, T* out, Acc* fin, int nt) {
 // then the Jacobian of the state_norm_max rescaling at the chunk's start, as in backward_one.
 template <typename T, typename Acc>
 struct ChunkBwdWork {
-  std::vector<Acc> xr, xt, xT, zr, dy, dys, y2, yi, m, pm, tmp, dxt, dhT, dbb, dcb, tn, hin, dhin, bc, cc, cs, ecs,
+  std::vector<Acc> xr, xt, xT, zr, dy, dys, yi, m, pm, tmp, dxt, dhT, dbb, dcb, tn, hin, dhin, bc, cc, cs, ecs,
       ecn, dcs, dl, raw;
   ChunkBwdWork(int64_t Q, int64_t p, int64_t n)
-      : xr(Q * p), xt(Q * p), xT(p * Q), zr(Q * p), dy(Q * p), dys(Q * p), y2(Q * p), yi(Q * p), m(Q * Q), pm(Q * Q),
+      : xr(Q * p), xt(Q * p), xT(p * Q), zr(Q * p), dy(Q * p), dys(Q * p), yi(Q * p), m(Q * Q), pm(Q * Q),
         tmp(Q * p), dxt(Q * p), dhT(n * p), dbb(Q * n), dcb(Q * n), tn(Q * n), hin(p * n), dhin(p * n), bc(Q * n),
         cc(Q * n), cs(Q), ecs(Q), ecn(Q), dcs(Q), dl(Q), raw(Q) {}
 };
@@ -784,22 +790,22 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
       for (int64_t s = 0; s <= t; ++s) w.m[t * q + s] = cbk[t * Q + s] * Lts(t, s);
       for (int64_t s = t + 1; s < q; ++s) w.m[t * q + s] = 0;
     }
-    // Y_off / e^{cs} = C H_inᵀ (for dcs, and for the gate's y)
-    for (int64_t i = 0; i < p; ++i)
-      for (int64_t j = 0; j < n; ++j) w.dhT[j * p + i] = Hin[i * n + j];  // (H_inᵀ; dhT reused below)
-    std::fill(w.y2.begin(), w.y2.begin() + q * p, Acc(0));
-    gemm_acc<Acc, false>(q, p, n, Ck, n, 1, w.dhT.data(), p, w.y2.data(), p);
-    // the gate: dY = dout · silu(z), dz = dout · y · silu'(z) with y = M X̃ + e^{cs} Y2 + D x
+    // the gate needs y = M X̃ + e^{cs} C H_inᵀ + D x: dY = dout · silu(z), dz = dout · y · silu'(z)
     if (c.z) {
+      for (int64_t i = 0; i < p; ++i)
+        for (int64_t j = 0; j < n; ++j) w.dhT[j * p + i] = Hin[i * n + j];  // (H_inᵀ; dhT reused below)
       std::fill(w.yi.begin(), w.yi.begin() + q * p, Acc(0));
-      gemm_acc<Acc, true>(q, p, q, w.m.data(), q, 1, w.xt.data(), p, w.yi.data(), p);
+      gemm_acc<Acc, 0>(q, p, n, Ck, n, 1, w.dhT.data(), p, w.yi.data(), p);
+      for (int64_t s = 0; s < q; ++s)
+        for (int64_t i = 0; i < p; ++i) w.yi[s * p + i] *= w.ecs[s];
+      gemm_acc<Acc, 1>(q, p, q, w.m.data(), q, 1, w.xt.data(), p, w.yi.data(), p);
     }
     for (int64_t s = 0; s < q; ++s) {
       const int64_t row = ((bi * a.l + t0 + s) * a.h + hi) * p;
       for (int64_t i = 0; i < p; ++i) {
         Acc g = w.dy[s * p + i];
         if (c.z) {
-          Acc y = w.yi[s * p + i] + w.ecs[s] * w.y2[s * p + i];
+          Acc y = w.yi[s * p + i];
           if (Dh) y += Dh[i] * w.xr[s * p + i];
           const Acc zv = w.zr[s * p + i], sg = sigmoid(zv);
           dz[row + i] = from_acc<T>(g * y * sg * (Acc(1) + zv * (Acc(1) - sg)));
@@ -810,15 +816,18 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
         if (dDh) dDh[i] += g * w.xr[s * p + i];
       }
     }
-    // dcs from e^{cs} in Y_off
+    // the state term of dC, diag(e^{cs}) dY H_in; its dot with C_t is dcs_t from e^{cs} in Y_off
+    // (dY_t · e^{cs_t} C_t H_inᵀ), so Y_off is never recomputed
+    std::fill(w.dcb.begin(), w.dcb.begin() + q * n, Acc(0));
+    gemm_acc<Acc, 0>(q, n, p, w.dys.data(), p, 1, Hin, n, w.dcb.data(), n);
     for (int64_t s = 0; s < q; ++s) {
       Acc v = 0;
-      for (int64_t i = 0; i < p; ++i) v += w.dys[s * p + i] * w.y2[s * p + i];
+      for (int64_t j = 0; j < n; ++j) v += w.dcb[s * n + j] * Ck[s * n + j];
       w.dcs[s] = v;
     }
     // P = dY X̃ᵀ ∘ L; dcs from L
     std::fill(w.pm.begin(), w.pm.begin() + q * q, Acc(0));
-    gemm_acc<Acc, false>(q, q, p, w.dy.data(), p, 1, w.xT.data(), q, w.pm.data(), q);
+    gemm_acc<Acc, 0>(q, q, p, w.dy.data(), p, 1, w.xT.data(), q, w.pm.data(), q);
     for (int64_t t = 0; t < q; ++t) {
       for (int64_t s = 0; s <= t; ++s) {
         const Acc pl = w.pm[t * q + s] * Lts(t, s);
@@ -830,20 +839,18 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
       for (int64_t s = t + 1; s < q; ++s) w.pm[t * q + s] = 0;
     }
     // dC = P B + diag(e^{cs}) dY H_in ;  dB = Pᵀ C + diag(w) X̃ dH
-    std::fill(w.dcb.begin(), w.dcb.begin() + q * n, Acc(0));
-    gemm_acc<Acc, true>(q, n, q, w.pm.data(), q, 1, Bk, n, w.dcb.data(), n);
-    gemm_acc<Acc, false>(q, n, p, w.dys.data(), p, 1, Hin, n, w.dcb.data(), n);
+    gemm_acc<Acc, 1>(q, n, q, w.pm.data(), q, 1, Bk, n, w.dcb.data(), n);
     std::fill(w.dbb.begin(), w.dbb.begin() + q * n, Acc(0));
-    gemm_acc<Acc, false>(q, n, q, w.pm.data(), 1, q, Ck, n, w.dbb.data(), n);
+    gemm_acc<Acc, 2>(q, n, q, w.pm.data(), 1, q, Ck, n, w.dbb.data(), n);
     std::fill(w.tn.begin(), w.tn.begin() + q * n, Acc(0));
-    gemm_acc<Acc, false>(q, n, p, w.xt.data(), p, 1, dH, n, w.tn.data(), n);
+    gemm_acc<Acc, 0>(q, n, p, w.xt.data(), p, 1, dH, n, w.tn.data(), n);
     // dX̃ = Mᵀ dY + diag(w) B dHᵀ ; dw_s = X̃_s · (B dHᵀ)_s
     for (int64_t i = 0; i < p; ++i)
       for (int64_t j = 0; j < n; ++j) w.dhT[j * p + i] = dH[i * n + j];
     std::fill(w.dxt.begin(), w.dxt.begin() + q * p, Acc(0));
-    gemm_acc<Acc, false>(q, p, q, w.m.data(), 1, q, w.dy.data(), p, w.dxt.data(), p);
+    gemm_acc<Acc, 2>(q, p, q, w.m.data(), 1, q, w.dy.data(), p, w.dxt.data(), p);
     std::fill(w.tmp.begin(), w.tmp.begin() + q * p, Acc(0));
-    gemm_acc<Acc, false>(q, p, n, Bk, n, 1, w.dhT.data(), p, w.tmp.data(), p);
+    gemm_acc<Acc, 0>(q, p, n, Bk, n, 1, w.dhT.data(), p, w.tmp.data(), p);
     Acc dlast = 0;
     for (int64_t s = 0; s < q; ++s) {
       const Acc ws = factor ? el * w.ecn[s] : std::exp(last - w.cs[s]);
@@ -868,7 +875,7 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
     }
     dlast += el * hd;
     w.dcs[q - 1] += dlast;
-    gemm_acc<Acc, false>(p, n, q, w.dys.data(), 1, p, Ck, n, w.dhin.data(), n);
+    gemm_acc<Acc, 0>(p, n, q, w.dys.data(), 1, p, Ck, n, w.dhin.data(), n);
     // per step: dx, dΔ, d log a (reverse cumulative sum of dcs), dA
     Acc rs = 0;
     for (int64_t s = q - 1; s >= 0; --s) {

@@ -269,14 +269,25 @@ def test_dt_limit_always_clamps_and_chunk_size_positional(backend, device):
 PATH_SHAPES = [(2, 131, 4, 7, 2, 9, 32), (1, 45, 3, 37, 1, 40, 16), (1, 11, 2, 17, 1, 33, 16), (1, 70, 4, 64, 2, 20, 64)]
 
 
+_REF_CACHE = {}
+
+
+def _ref_cached(i, opts):
+    # the fp64 step loop is the slow part of these tests: computed once per shape and option set
+    if (i, opts) not in _REF_CACHE:
+        b, l, h, p, g, n, cs = PATH_SHAPES[i]
+        t = make(b, l, h, p, g, n, seed=20 + i)
+        _REF_CACHE[i, opts] = (t, _call(ref.ssd_scan, t, OPTION_SETS[opts], chunk_size=cs, return_final_states=True))
+    return _REF_CACHE[i, opts]
+
+
 @pytest.mark.parametrize("path", ["chunked", "recurrent"])
 def test_cpp_paths_each_isa(cpu_isa, path):
     for i, (b, l, h, p, g, n, cs) in enumerate(PATH_SHAPES):
         for opts in ("all", "collapse", "Dhead", "plain"):
-            o = OPTION_SETS[opts]
-            t = make(b, l, h, p, g, n, seed=20 + i)
-            got = _call(ck.ssd_scan, t, o, chunk_size=cs, return_final_states=True, backend="cpp", path=path)
-            want = _call(ref.ssd_scan, t, o, chunk_size=cs, return_final_states=True)
+            t, want = _ref_cached(i, opts)
+            got = _call(ck.ssd_scan, t, OPTION_SETS[opts], chunk_size=cs, return_final_states=True, backend="cpp",
+                        path=path)
             for a, b_ in zip(got, want):
                 assert_close(a, b_, torch.float64)
         # fp32, strided B (not unit-stride rows: the chunked path converts them)
