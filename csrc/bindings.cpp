@@ -156,7 +156,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("decay_scale", &SsdArgs::decay_scale).def_readwrite("state_norm_max", &SsdArgs::state_norm_max)
       .def_readwrite("chunk_size", &SsdArgs::chunk_size).def_readwrite("init", &SsdArgs::init)
       .def_readwrite("ckpt", &SsdArgs::ckpt).def_readwrite("pre_norms", &SsdArgs::pre_norms)
-      .def_readwrite("path", &SsdArgs::path)
+      .def_readwrite("path", &SsdArgs::path).def_readwrite("window", &SsdArgs::window)
       .def_readwrite("num_threads", &SsdArgs::num_threads);
   using s1 = void (*)(const SsdArgs&, uintptr_t, uintptr_t, uintptr_t);
   m.def("ssd_scan_forward", static_cast<s1>(CK_DISPATCH512(ssd_scan_forward)), py::call_guard<py::gil_scoped_release>(),

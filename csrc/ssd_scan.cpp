@@ -909,6 +909,57 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
   if (dinit) std::copy(dH, dH + pn, dinit + (bi * a.h + hi) * pn);
 }
 
+// The sliding-window state (window = W > 0), step by step: the state holds the last W inputs,
+//   H_t = a_t H_{t−1} + Δ_t x_t B_tᵀ − P_t Δ_{t−W} x_{t−W} B_{t−W}ᵀ,   P_t = Π_{r=t−W+1..t} a_r
+// (P_t from a running fp64 sum of log a). Forward only: the Python side gets differentiable
+// outputs from two plain scans and asks this kernel for the per-step norms.
+template <typename T, typename Acc>
+void forward_window_one(const Ctx<T, Acc>& c, int64_t bi, int64_t hi, T* out, Acc* fin, Acc* norms,
+                        std::vector<Acc>& work) {
+  const SsdArgs& a = c.a;
+  const int64_t p = a.p, n = a.n, pn = p * n, gi = hi / c.hpg, W = a.window;
+  Acc* H = work.data();
+  Acc* bt = H + pn; Acc* ct = bt + n; Acc* xv = ct + n; Acc* bo = xv + p; Acc* co = bo + n; Acc* xo = co + n;
+  std::fill(H, H + pn, Acc(0));
+  const Acc Ah = c.A[hi];
+  const double loglam = std::log(a.decay_scale);
+  double logP = 0;
+  for (int64_t t = 0; t < a.l; ++t) {
+    Acc raw, d;
+    c.delta(bi, t, hi, raw, d);
+    const Acc at = static_cast<Acc>(a.decay_scale) * std::exp(d * Ah);
+    logP += static_cast<double>(d) * Ah + loglam;
+    c.load_bc(bi, t, gi, bt, ct);
+    c.load_row(c.x, a.xs, bi, t, hi, xv);
+    Acc v0 = 0;
+    if (t >= W) {
+      Acc rawo, dold;
+      c.delta(bi, t - W, hi, rawo, dold);
+      logP -= static_cast<double>(dold) * Ah + loglam;
+      c.load_bc(bi, t - W, gi, bo, co);
+      c.load_row(c.x, a.xs, bi, t - W, hi, xo);
+      v0 = static_cast<Acc>(std::exp(logP)) * dold;
+    }
+    Acc ss = 0;
+    for (int64_t i = 0; i < p; ++i) {
+      Acc* hr = H + i * n;
+      const Acc u = d * xv[i], v = v0 * (t >= W ? xo[i] : Acc(0));
+      Acc y = 0, s2 = 0;
+#pragma omp simd reduction(+ : y, s2)
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc hv = at * hr[j] + u * bt[j] - v * bo[j];
+        hr[j] = hv;
+        y += hv * ct[j];
+        s2 += hv * hv;
+      }
+      ss += s2;
+      out[((bi * a.l + t) * a.h + hi) * p + i] = from_acc<T>(y);
+    }
+    if (norms) norms[(bi * a.l + t) * a.h + hi] = std::sqrt(ss);
+  }
+  if (fin) std::copy(H, H + pn, fin + (bi * a.h + hi) * pn);
+}
+
 void check(const SsdArgs& a, const char* fn) {
   if (a.b < 0 || a.l < 0 || a.h < 1 || a.p < 0 || a.g < 1 || a.n < 0 || a.h % a.g != 0 || a.chunk_size < 1 ||
       a.xs.size() != 4 || a.dts.size() != 3 || a.bs.size() != 4 || a.cs.size() != 4 || (a.z && a.zs.size() != 4))
@@ -925,6 +976,19 @@ void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, ui
     using Acc = decltype(acc_tag);
     const Ctx<T, Acc> c(a);
     const int64_t tasks = a.b * a.h;
+    if (a.window > 0) {
+      if (a.init || a.state_norm_max > 0 || a.D || a.z)
+        throw std::invalid_argument("collapsekit._C.ssd_scan_forward: window takes no init, τ, D or z");
+#pragma omp parallel num_threads(nt)
+      {
+        std::vector<Acc> work(a.p * a.n + 4 * a.n + 2 * a.p);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; ++task)
+          forward_window_one(c, task / a.h, task % a.h, reinterpret_cast<T*>(out), reinterpret_cast<Acc*>(final_state),
+                             reinterpret_cast<Acc*>(norms), work);
+      }
+      return;
+    }
     const int path = a.path ? a.path : ::collapsekit::choose_ssd_path(a, norms != 0);
     if (path == 2 && !norms && a.l > 0 && a.p > 0 && a.n > 0) {
       forward_chunked(c, reinterpret_cast<T*>(out), reinterpret_cast<Acc*>(final_state), nt);

@@ -25,6 +25,7 @@ struct SsdArgs {
   uintptr_t ckpt;                            // (b, h, K, p, n): state entering each chunk
   uintptr_t pre_norms;                       // (b, h, K): ‖state‖ before normalisation at each boundary
   int path = 0;                              // forward: 0 auto (choose_ssd_path), 1 recurrent, 2 chunked
+  int64_t window = 0;                        // > 0: the windowed recurrence (forward only; no init/τ)
   int num_threads;
 };
 

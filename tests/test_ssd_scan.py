@@ -333,3 +333,57 @@ def test_path_argument_and_auto_rule():
     assert C_.choose_ssd_path(a, False) == 2 and C_.choose_ssd_path(a, True) == 1  # norms: recurrence
     a.l = 100
     assert C_.choose_ssd_path(a, False) == 1  # short sequences (decode-like): recurrence
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_window_against_reference(backend, device):
+    # W = 1, < chunk, = chunk, > chunk, l − 1 and >= l (the window covers everything: the plain scan)
+    l = 29 if _small(backend, device) else 45
+    t = make(1, l, 4, 3, 2, 5, device=device, seed=50)
+    paths = ["chunked", "recurrent"] if backend == "cpp" else ["auto"]
+    for W in (1, 5, 8, 13, l - 1, l + 3):
+        kw = dict(D=t["D"], z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True, decay_scale=0.97, window=W,
+                  return_final_states=True, return_state_norms=True)
+        want = ref.ssd_scan(*(t[k].cpu() for k in ("x", "dt", "A", "B", "C")), 8,
+                            **{k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()})
+        for path in paths:
+            got = ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, backend=backend, path=path, **kw)
+            for a, b_ in zip(got, want):
+                assert_close(a, b_, torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_window_gradients(backend, device):
+    small = _small(backend, device)
+    t = make(1, 19 if small else 40, 2, 3, 1, 4, device=device, seed=51, grad=True)
+    tr = {k: v.detach().cpu().requires_grad_() for k, v in t.items()}
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+    gen = torch.Generator().manual_seed(52)
+    for W in (3, 11):
+        f = lambda d, **kw: ck.ssd_scan(d["x"], d["dt"], d["A"], d["B"], d["C"], 8, D=d["D"], z=d["z"],
+                                        dt_bias=d["dt_bias"], dt_softplus=True, window=W, return_final_states=True,
+                                        **kw)
+        out, fin = f(t, backend=backend)
+        wout, wfin = f(tr, backend="reference")
+        go = torch.randn(wout.shape, generator=gen, dtype=torch.float64)
+        gf = torch.randn(wfin.shape, generator=gen, dtype=torch.float64)
+        got = torch.autograd.grad([out, fin], [t[k] for k in names], [go.to(device), gf.to(device)])
+        want = torch.autograd.grad([wout, wfin], [tr[k] for k in names], [go, gf])
+        for a, b_ in zip(got, want):
+            assert_close(a, b_, torch.float64, scale=max(1.0, float(b_.abs().max())))
+    if backend == "cpp":
+        s = make(1, 9, 2, 2, 1, 3, seed=53, grad=True)
+        g_ = lambda x, dt, A, B, C: ck.ssd_scan(x, dt, A, B, C, 4, dt_softplus=True, window=3, backend="cpp",
+                                                path="chunked")
+        assert torch.autograd.gradcheck(g_, tuple(s[k] for k in ("x", "dt", "A", "B", "C")))
+
+
+def test_window_bad_input():
+    t = make(1, 10, 2, 3, 1, 4, seed=54)
+    x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
+    with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+        ck.ssd_scan(x, dt, A, B, C, window=0)
+    with pytest.raises(ValueError, match="window cannot be combined with initial_states"):
+        ck.ssd_scan(x, dt, A, B, C, window=4, initial_states=t["initial_states"])
+    with pytest.raises(ValueError, match="window cannot be combined with state_norm_max"):
+        ck.ssd_scan(x, dt, A, B, C, window=4, state_norm_max=1.0)

@@ -262,7 +262,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
              initial_states: Optional[Tensor] = None, dt_softplus: bool = False,
              dt_limit: Tuple[float, float] = (0.0, INF), return_final_states: bool = False,
              return_state_norms: bool = False, decay_scale: float = 1.0, state_norm_max: Optional[float] = None,
-             backend: str = "auto", path: str = "auto"):
+             backend: str = "auto", path: str = "auto", window: Optional[int] = None):
     """The SSD (Mamba-2) scan, with the semantics of mamba-ssm's ``mamba_chunk_scan_combined``.
 
     ::
@@ -288,6 +288,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         return_final_states / return_state_norms: also return the final state
             ``(batch, nheads, headdim, dstate)`` and ``‖H_t‖_F`` ``(batch, seqlen, nheads)``
             (accumulation dtype; the norms are not differentiable).
+        window: W, the sliding-window mitigation of state collapse: the state holds only the last W
+            inputs, ``y_t = C_t·Σ_{s=t−W+1..t} (Π_{r=s+1..t} a_r) Δ_s x_s B_sᵀ + D x_t`` (any W >= 1;
+            differentiable). Not with ``initial_states`` or ``state_norm_max`` (ValueError).
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
         path: the forward algorithm, for tuning and tests: ``"auto"`` (the measured rule of
             docs/ssd_scan.md), ``"recurrent"`` or (cpp) ``"chunked"``. Same result up to rounding.
@@ -300,16 +303,30 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     op = "ssd_scan"
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, decay_scale, state_norm_max)
     backend = _dispatch.resolve_backend(backend, x.device, op)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
+        if initial_states is not None:
+            raise ValueError(f"{op}: window cannot be combined with initial_states (the window would have to "
+                             "reach into the inputs that made the initial state; not exact)")
+        if state_norm_max is not None:
+            raise ValueError(f"{op}: window cannot be combined with state_norm_max (pick one mitigation)")
     if backend == "reference":
         from .. import reference
 
         res = reference.ssd_scan(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                                  initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
                                  return_final_states=return_final_states, return_state_norms=return_state_norms,
-                                 decay_scale=decay_scale, state_norm_max=state_norm_max)
+                                 decay_scale=decay_scale, state_norm_max=state_norm_max, window=window)
         if not (return_final_states or return_state_norms):
             return res.to(x.dtype)
         return (res[0].to(x.dtype),) + tuple(res[1:])
+    if path not in _PATHS.get(backend, ()):
+        raise ValueError(f"{op}: path for the {backend} backend must be one of {_PATHS.get(backend, ('auto',))}, "
+                         f"got {path!r}")
+    if window is not None and window < x.shape[1]:
+        return _windowed(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, return_final_states,
+                         return_state_norms, decay_scale, backend, path, window)
     b, l, h, p = x.shape
     acc = _acc(x)
     # canonical forms (differentiable casts/expands: autograd maps the gradients back)
@@ -323,9 +340,6 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     dt_clamp = True  # always (mamba-ssm's kernel clamps even with the default (0, inf))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
-    if path not in _PATHS.get(backend, ()):
-        raise ValueError(f"{op}: path for the {backend} backend must be one of {_PATHS.get(backend, ('auto',))}, "
-                         f"got {path!r}")
     fn = _ssd_scan_cpp if backend == "cpp" else _ssd_scan_triton
     out, final, norms, _, _ = fn(x, dt_c, A_c, B_c, C_c, D_c, z_c, bias_c, init_c, chunk_size, bool(dt_softplus),
                                  float(dt_limit[0]), float(dt_limit[1]), dt_clamp, float(decay_scale),
@@ -337,3 +351,77 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     if return_state_norms:
         res.append(norms)
     return res[0] if len(res) == 1 else tuple(res)
+
+
+def _windowed(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, return_final_states,
+              return_state_norms, decay_scale, backend, path, W):
+    """window=W < seqlen as the state difference of two plain scans over the same states H:
+
+        y^W_t = y_t − C_t · P_t · H_{t−W},   P_t = Π_{r=t−W+1..t} a_r
+              = y_t − (second scan's output at τ = t − W),  its C'_τ = C_{τ+W} · P_{τ+W}
+
+    The second scan runs over the first l − W steps (its states are H_0..H_{l−W−1}) with C' per head
+    (groups = heads); its final state gives the windowed final state H_{l−1} − P_{l−1} H_{l−W−1}. Both
+    scans are the fast chunked/recurrent kernels, so forward and backward (autograd through both and
+    the torch ops here) cost about two plain scans. P comes from an fp64 cumulative sum of log a.
+    The subtraction loses accuracy relative to ‖H_t‖ (the unwindowed state), so a fast-growing
+    state costs relative error ~ eps·‖H_t‖/‖H^W_t‖ (docs/ssd_scan.md). Per-step norms of the windowed
+    state come from the windowed recurrence kernel (forward only: they are not differentiable)."""
+    import torch.nn.functional as F
+
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    acc = _acc(x)
+    d = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
+    if dt_softplus:
+        d = F.softplus(d)
+    d = d.clamp(float(dt_limit[0]), float(dt_limit[1]))
+    loga = d.double() * A.double() + math.log(decay_scale)
+    S = torch.cumsum(loga, 1)                                        # (b, l, h)
+    P = torch.exp(S[:, W:] - S[:, :l - W]).to(acc)                   # P_{τ+W}, τ = 0..l−W−1
+    Ch = C.to(acc).repeat_interleave(h // g, dim=2)[:, W:] * P[..., None]
+    Bh = B.to(x.dtype).repeat_interleave(h // g, dim=2)[:, :l - W]
+    kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, decay_scale=decay_scale,
+              return_final_states=True, backend=backend, path=path)
+    y1, f1 = ssd_scan(x, dt, A, B, C, chunk_size, **kw)
+    y2, f2 = ssd_scan(x[:, :l - W], dt[:, :l - W], A, Bh, Ch.to(x.dtype), chunk_size, **kw)
+    y = y1.to(acc) - F.pad(y2.to(acc), (0, 0, 0, 0, W, 0))
+    if D is not None:
+        y = y + (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc)) * x.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    res = [y.to(x.dtype)]
+    if return_final_states:
+        res.append(f1 - P[:, -1, :, None, None] * f2)
+    if return_state_norms:
+        res.append(_window_norms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, decay_scale, backend, W))
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+def _window_norms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, decay_scale, backend, W):
+    """‖H^W_t‖_F (b, l, h) from the windowed recurrence H_t = a_t H_{t−1} + Δ_t x_t B_tᵀ − P_t Δ_{t−W} x_{t−W} B_{t−W}ᵀ
+    (no autograd: the norms are a diagnostic)."""
+    acc = _acc(x)
+    with torch.no_grad():
+        args = (x.detach(), dt.detach().to(acc), A.detach().to(acc).contiguous(), B.detach().to(x.dtype),
+                C.detach().to(x.dtype), dt_bias.detach().to(acc).contiguous() if dt_bias is not None else None,
+                bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]), float(decay_scale), W)
+        if backend == "cpp":
+            return _window_norms_cpp(*args)
+        from ..kernels import ssd_scan as k
+
+        return k.window_norms(*args)
+
+
+def _window_norms_cpp(x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, decay_scale, W):
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    acc = _acc(x)
+    out = torch.empty(b, l, h, p, dtype=x.dtype)
+    final = torch.empty(b, h, p, n, dtype=acc)
+    norms = torch.empty(b, l, h, dtype=acc)
+    a = _args(x, dt, A, B, C, None, None, dt_bias, None, 64, dt_softplus, dt_min, dt_max, True, decay_scale, 0.0,
+              None, None, 1)
+    a.window = W
+    _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr())
+    return norms
