@@ -391,3 +391,40 @@ def test_window_bad_input():
         ck.ssd_scan(x, dt, A, B, C, window=4, initial_states=t["initial_states"])
     with pytest.raises(ValueError, match="window cannot be combined with state_norm_max"):
         ck.ssd_scan(x, dt, A, B, C, window=4, state_norm_max=1.0)
+
+
+@pytest.mark.slow
+def test_one_million_tokens_forward_with_norms_linear_memory():
+    # b=1 h=8 p=64 n=64 over 2^20 tokens (b·l·h·p = 2^29 elements: int64 offsets throughout). The
+    # per-step norms come from the recurrence; the plain forward from the chunked path: the two
+    # algorithms agree, and neither needs more than the output (+ l/chunk·state) beyond its inputs.
+    from collapsekit.benchmarks.measure import peak_extra_bytes
+
+    b, l, h, p, g, n = 1, 1 << 20, 8, 64, 1, 64
+    gen = torch.Generator().manual_seed(60)
+    x = torch.randn(b, l, h, p, generator=gen)
+    dt = torch.rand(b, l, h, generator=gen) * 0.1
+    A = -torch.rand(h, generator=gen) - 0.05
+    B = torch.randn(b, l, g, n, generator=gen) / 8
+    C = torch.randn(b, l, g, n, generator=gen) / 8
+    res = {}
+
+    def with_norms():
+        res["norms"] = ck.ssd_scan(x, dt, A, B, C, return_state_norms=True, return_final_states=True)
+
+    def plain():
+        res["plain"] = ck.ssd_scan(x, dt, A, B, C, return_final_states=True)
+
+    out_bytes = x.numel() * 4
+    peak_n = peak_extra_bytes(with_norms, torch.device("cpu"))
+    out_n, fin_n, norms = res.pop("norms")
+    peak_p = peak_extra_bytes(plain, torch.device("cpu"))
+    out_p, fin_p = res.pop("plain")
+    if peak_n is not None:
+        assert peak_n <= 1.5 * out_bytes and peak_p <= 1.5 * out_bytes, (peak_n / out_bytes, peak_p / out_bytes)
+    assert norms.shape == (b, l, h) and bool(torch.isfinite(norms).all())
+    scale = float(out_n.abs().max())
+    for i in (0, l // 3, l - 1):  # a few rows (a full comparison would double the memory)
+        torch.testing.assert_close(out_p[:, i], out_n[:, i], rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(fin_p, fin_n, rtol=1e-4, atol=1e-4 * float(fin_n.abs().max()))
+    torch.testing.assert_close(norms[:, -1], fin_n.flatten(2).norm(dim=2), rtol=1e-4, atol=1e-6)
