@@ -428,3 +428,94 @@ def test_one_million_tokens_forward_with_norms_linear_memory():
         torch.testing.assert_close(out_p[:, i], out_n[:, i], rtol=1e-4, atol=1e-4 * scale)
     torch.testing.assert_close(fin_p, fin_n, rtol=1e-4, atol=1e-4 * float(fin_n.abs().max()))
     torch.testing.assert_close(norms[:, -1], fin_n.flatten(2).norm(dim=2), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_packed_sequences_equal_separate_runs(backend, device):
+    small = _small(backend, device)
+    l = 23 if small else 70
+    t = make(1, l, 2, 3, 1, 4, device=device, seed=70, grad=True)
+    cuts = [0, 5, 5, 14, l] if small else [0, 9, 9, 40, l]  # an empty sequence included
+    cu = torch.tensor(cuts, dtype=torch.int32, device=device)
+    seq_idx = torch.repeat_interleave(torch.arange(len(cuts) - 1, device=device),
+                                      torch.tensor([cuts[i + 1] - cuts[i] for i in range(len(cuts) - 1)],
+                                                   device=device))[None].int()
+    kw = dict(D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True, state_norm_max=1.5, backend=backend)
+    out, fin, vs, nrm = ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, z=t["z"],
+                                    initial_states=t["initial_states"], seq_idx=seq_idx, cu_seqlens=cu,
+                                    return_final_states=True, return_varlen_states=True, return_state_norms=True, **kw)
+    assert vs.shape == (len(cuts) - 1, 2, 3, 4)
+    sep_out, sep_n = [], []
+    for j in range(len(cuts) - 1):
+        s0, s1 = cuts[j], cuts[j + 1]
+        if s1 == s0:
+            assert float(vs[j].abs().max()) == 0.0
+            continue
+        sl = lambda v: v[:, s0:s1]
+        o, f, nn_ = ck.ssd_scan(sl(t["x"]), sl(t["dt"]), t["A"], sl(t["B"]), sl(t["C"]), 8, z=sl(t["z"]),
+                                initial_states=t["initial_states"] if j == 0 else None, return_final_states=True,
+                                return_state_norms=True, **kw)
+        sep_out.append(o)
+        sep_n.append(nn_)
+        assert_close(vs[j], f[0], torch.float64)
+    assert_close(out, torch.cat(sep_out, 1), torch.float64)
+    assert_close(nrm, torch.cat(sep_n, 1), torch.float64)
+    assert_close(fin[0], vs[-1], torch.float64)
+    # against the fp64 reference, gradients included
+    tr = {k: v.detach().cpu().requires_grad_() for k, v in t.items()}
+    want = ck.ssd_scan(tr["x"], tr["dt"], tr["A"], tr["B"], tr["C"], 8, z=tr["z"], initial_states=tr["initial_states"],
+                       seq_idx=seq_idx.cpu(), **{**kw, "D": tr["D"], "dt_bias": tr["dt_bias"], "backend": "reference"})
+    assert_close(out, want, torch.float64)
+    names = ["x", "dt", "A", "B", "C", "initial_states"]
+    got = torch.autograd.grad(out.sum(), [t[k] for k in names])
+    ref_g = torch.autograd.grad(want.sum(), [tr[k] for k in names])
+    for a, b_ in zip(got, ref_g):
+        assert_close(a, b_, torch.float64, scale=max(1.0, float(b_.abs().max())))
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_split_calls_equal_one_call_with_state_norm_max(backend, device):
+    # prefill in pieces (not at chunk boundaries), then single decode-like steps, with seq_offset
+    l = 21 if _small(backend, device) else 60
+    t = make(2, l, 2, 3, 1, 4, device=device, seed=71)
+    kw = dict(D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True, state_norm_max=1.2, decay_scale=0.98,
+              backend=backend, return_final_states=True, return_state_norms=True)
+    whole, fin, nrm = ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, z=t["z"], **kw)
+    cuts = [0, 5, 16, l - 2, l - 1, l]  # positions 5, 16 are not multiples of 8; 16 is
+    outs, norms, state = [], [], None
+    for s0, s1 in zip(cuts, cuts[1:]):
+        sl = lambda v: v[:, s0:s1]
+        o, state, nn_ = ck.ssd_scan(sl(t["x"]), sl(t["dt"]), t["A"], sl(t["B"]), sl(t["C"]), 8, z=sl(t["z"]),
+                                    initial_states=state, seq_offset=s0, **kw)
+        outs.append(o)
+        norms.append(nn_)
+    assert_close(torch.cat(outs, 1), whole, torch.float64)
+    assert_close(torch.cat(norms, 1), nrm, torch.float64)
+    assert_close(state, fin, torch.float64)
+
+
+def test_packed_bad_input():
+    t = make(2, 10, 2, 3, 1, 4, seed=72)
+    x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
+    si = torch.zeros(2, 10, dtype=torch.int32)
+    bad = si.clone()
+    bad[0, 5] = 1
+    cases = [
+        (dict(seq_idx=si[:, :5]), "seq_idx must be an int32"),
+        (dict(seq_idx=si.float()), "seq_idx must be an int32"),
+        (dict(seq_idx=bad), "seq_idx must be non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([0, 10])), "cu_seqlens needs batch 1"),
+        (dict(return_varlen_states=True), "return_varlen_states needs cu_seqlens"),
+        (dict(seq_offset=-1), "seq_offset must be an int >= 0"),
+        (dict(seq_offset=3, window=2), "window cannot be combined with seq_offset"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            ck.ssd_scan(x, dt, A, B, C, **kw)
+    x1, dt1, B1, C1 = x[:1], dt[:1], B[:1], C[:1]
+    for cu, msg in ((torch.tensor([0, 4, 9]), "cu_seqlens must be non-decreasing from 0"),
+                    (torch.tensor([[0, 10]]), "cu_seqlens must be a 1-D int tensor")):
+        with pytest.raises(ValueError, match=msg):
+            ck.ssd_scan(x1, dt1, A, B1, C1, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens does not match seq_idx"):
+        ck.ssd_scan(x1, dt1, A, B1, C1, cu_seqlens=torch.tensor([0, 4, 10]), seq_idx=si[:1])

@@ -262,7 +262,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
              initial_states: Optional[Tensor] = None, dt_softplus: bool = False,
              dt_limit: Tuple[float, float] = (0.0, INF), return_final_states: bool = False,
              return_state_norms: bool = False, decay_scale: float = 1.0, state_norm_max: Optional[float] = None,
-             backend: str = "auto", path: str = "auto", window: Optional[int] = None):
+             backend: str = "auto", path: str = "auto", window: Optional[int] = None,
+             seq_idx: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+             return_varlen_states: bool = False, seq_offset: int = 0):
     """The SSD (Mamba-2) scan, with the semantics of mamba-ssm's ``mamba_chunk_scan_combined``.
 
     ::
@@ -291,6 +293,12 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         window: W, the sliding-window mitigation of state collapse: the state holds only the last W
             inputs, ``y_t = C_t·Σ_{s=t−W+1..t} (Π_{r=s+1..t} a_r) Δ_s x_s B_sᵀ + D x_t`` (any W >= 1;
             differentiable). Not with ``initial_states`` or ``state_norm_max`` (ValueError).
+        seq_idx: ``(batch, seqlen)`` int32, non-decreasing: the state resets to zero where it
+            changes (packed sequences); ``initial_states`` applies to each row's first sequence.
+        cu_seqlens: ``(num_seqs + 1,)`` sequence starts (batch 1); with ``return_varlen_states``
+            each sequence's final state ``(num_seqs, nheads, headdim, dstate)`` is returned too.
+        seq_offset: k: ``x[:, 0]`` is position k of its sequence (for split calls); state_norm_max
+            acts at multiples of chunk_size from the sequence start, so split calls equal one call.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
         path: the forward algorithm, for tuning and tests: ``"auto"`` (the measured rule of
             docs/ssd_scan.md), ``"recurrent"`` or (cpp) ``"chunked"``. Same result up to rounding.
@@ -303,6 +311,12 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     op = "ssd_scan"
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, decay_scale, state_norm_max)
     backend = _dispatch.resolve_backend(backend, x.device, op)
+    if seq_idx is not None or cu_seqlens is not None or return_varlen_states or seq_offset != 0:
+        return _packed(x, dt, A, B, C, chunk_size, dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                                        dt_limit=dt_limit, decay_scale=decay_scale, backend=backend,
+                                                        path=path, window=window),
+                       initial_states, state_norm_max, return_final_states, return_state_norms, seq_idx, cu_seqlens,
+                       return_varlen_states, seq_offset)
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
@@ -425,3 +439,131 @@ def _window_norms_cpp(x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, deca
     a.window = W
     _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr())
     return norms
+
+
+# ------------------------------------------------------------------ packed sequences, offsets ------
+
+def _segments(seq_idx, cu_seqlens, b, l, return_varlen_states, x):
+    """Per batch row, the [start, end) runs of the packed sequences (from seq_idx and/or cu_seqlens),
+    validated; cu_seqlens' own list (with empty sequences) is returned for the varlen states."""
+    op = "ssd_scan"
+    runs = [[(0, l)] for _ in range(b)]
+    if seq_idx is not None:
+        _validate.tensor(seq_idx, "seq_idx", op)
+        if seq_idx.dtype not in (torch.int32, torch.int64) or tuple(seq_idx.shape) != (b, l):
+            raise ValueError(f"{op}: seq_idx must be an int32 (batch, seqlen) = {(b, l)} tensor, got "
+                             f"{seq_idx.dtype} {tuple(seq_idx.shape)}")
+        if seq_idx.device != x.device:
+            raise ValueError(f"{op}: seq_idx must be on x's device {x.device}, got {seq_idx.device}")
+        si = seq_idx.cpu()
+        if l > 1 and bool((si[:, 1:] < si[:, :-1]).any()):
+            raise ValueError(f"{op}: seq_idx must be non-decreasing along the sequence")
+        runs = []
+        for r in si:
+            cut = [0] + (torch.nonzero(r[1:] != r[:-1]).flatten() + 1).tolist() + [l]
+            runs.append([(cut[i], cut[i + 1]) for i in range(len(cut) - 1) if cut[i + 1] > cut[i]])
+    seqs = None
+    if cu_seqlens is not None:
+        _validate.tensor(cu_seqlens, "cu_seqlens", op)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{op}: cu_seqlens must be a 1-D int tensor (num_seqs + 1,), got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        if b != 1:
+            raise ValueError(f"{op}: cu_seqlens needs batch 1 (packed sequences in one row), got batch={b}")
+        cu = cu_seqlens.cpu().tolist()
+        if cu[0] != 0 or cu[-1] != l or any(cu[i + 1] < cu[i] for i in range(len(cu) - 1)):
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to seqlen={l}, got {cu}")
+        seqs = [(cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
+        nonempty = [r for r in seqs if r[1] > r[0]]
+        if seq_idx is not None and nonempty != runs[0]:
+            raise ValueError(f"{op}: cu_seqlens does not match seq_idx (sequence boundaries {cu} vs the changes of "
+                             "seq_idx)")
+        runs = [nonempty or [(0, l)]]
+    elif return_varlen_states:
+        raise ValueError(f"{op}: return_varlen_states needs cu_seqlens")
+    return runs, seqs
+
+
+def _rescale(H, tau):
+    nrm = H.flatten(2).norm(dim=2)
+    f = torch.where(nrm > tau, tau / nrm.clamp_min(1e-300), torch.ones_like(nrm))
+    return H * f[..., None, None]
+
+
+def _offset_call(x, dt, A, B, C, chunk_size, kw, init, tau, want_norms, k):
+    """One sequence piece whose first step is position k of its sequence: state_norm_max acts before
+    the steps at positions that are positive multiples of chunk_size. Split at the first such
+    boundary; the boundary's rescaling of the carried state is applied here (differentiably) and
+    the rest runs aligned with the kernels' chunks."""
+    l = x.shape[1]
+    r = (-k) % chunk_size
+    call = lambda sl, h0: ssd_scan(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], chunk_size,
+                                   initial_states=h0, state_norm_max=tau, return_final_states=True,
+                                   return_state_norms=want_norms, **{**kw, "z": kw["z"][:, sl] if kw["z"] is not None
+                                                                     else None})
+    if tau is None or k == 0 or (r == 0 and init is None) or r >= l:
+        if r == 0 and k > 0 and init is not None and tau is not None:
+            init = _rescale(init, tau)
+        return call(slice(0, l), init)
+    first = call(slice(0, r), init)
+    rest = call(slice(r, l), _rescale(first[1], tau))
+    return tuple(torch.cat([u, v], 1) if i != 1 else v for i, (u, v) in enumerate(zip(first, rest)))
+
+
+def _packed(x, dt, A, B, C, chunk_size, kw, init, tau, return_final_states, want_norms, seq_idx, cu_seqlens,
+            return_varlen_states, seq_offset):
+    """seq_idx / cu_seqlens / seq_offset: each packed sequence (a run of equal seq_idx) runs as its own
+    scan call (state reset to zero at its start; initial_states for each row's first sequence;
+    seq_offset for each row's first sequence), outputs concatenated (autograd through the slices).
+    Exactly "the sequences run separately"; one kernel call per sequence (docs/ssd_scan.md)."""
+    op = "ssd_scan"
+    if isinstance(seq_offset, bool) or not isinstance(seq_offset, int) or seq_offset < 0:
+        raise ValueError(f"{op}: seq_offset must be an int >= 0, got {seq_offset!r}")
+    if kw["window"] is not None and seq_offset > 0:
+        raise ValueError(f"{op}: window cannot be combined with seq_offset > 0 (the window would reach into "
+                         "the previous call's inputs; not exact)")
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    runs, seqs = _segments(seq_idx, cu_seqlens, b, l, return_varlen_states, x)
+    outs, finals, norms, seq_states = [], [], [], {}
+    for bi in range(b):
+        ro, rn = [], []
+        fin = None
+        for j, (s0, s1) in enumerate(runs[bi]):
+            sl = slice(s0, s1)
+            sub_kw = {**kw, "z": kw["z"][bi:bi + 1, sl] if kw["z"] is not None else None}
+            h0 = init[bi:bi + 1] if (init is not None and j == 0) else None
+            res = _offset_call(x[bi:bi + 1, sl], dt[bi:bi + 1, sl], A, B[bi:bi + 1, sl], C[bi:bi + 1, sl],
+                               chunk_size, {**sub_kw, "z": None} if sub_kw["z"] is None else sub_kw, h0, tau,
+                               want_norms, seq_offset if j == 0 else 0) if s1 > s0 else None
+            if res is None:
+                continue
+            ro.append(res[0])
+            fin = res[1]
+            if want_norms:
+                rn.append(res[2])
+            seq_states[s0, s1] = fin
+        if not ro:  # empty sequence: the final state is the initial state (or zeros)
+            ro = [x[bi:bi + 1, :0]]
+            rn = [x.new_zeros(1, 0, h, dtype=_acc(x))]
+            fin = (init[bi:bi + 1].to(_acc(x)) if init is not None else x.new_zeros(1, h, p, n, dtype=_acc(x)))
+        outs.append(torch.cat(ro, 1))
+        finals.append(fin)
+        if want_norms:
+            norms.append(torch.cat(rn, 1))
+    out = torch.cat(outs, 0) if outs else x.new_empty(x.shape)
+    res = [out]
+    if return_final_states:
+        res.append(torch.cat(finals, 0) if finals else x.new_zeros(0, h, p, n, dtype=_acc(x)))
+    if return_varlen_states:
+        zero = x.new_zeros(h, p, n, dtype=_acc(x))
+        vs = []
+        for j, (s0, s1) in enumerate(seqs):
+            if s1 > s0:
+                vs.append(seq_states[s0, s1][0])
+            else:  # an empty sequence: its state is zero (the initial state for the first one)
+                vs.append(init[0].to(_acc(x)) if (init is not None and s0 == 0) else zero)
+        res.append(torch.stack(vs, 0))
+    if want_norms:
+        res.append(torch.cat(norms, 0) if norms else x.new_zeros(0, l, h, dtype=_acc(x)))
+    return res[0] if len(res) == 1 else tuple(res)
