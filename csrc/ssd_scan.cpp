@@ -240,13 +240,23 @@ struct Ctx {
     if (a.dt_clamp && (d < static_cast<Acc>(a.dt_min) || d > static_cast<Acc>(a.dt_max))) return Acc(0);
     return a.dt_softplus ? (raw > Acc(20) ? Acc(1) : sigmoid(raw)) : Acc(1);
   }
+  // (unit-stride rows already in the accumulation dtype are plain copies: the common fp32/fp64 case)
   inline void load_bc(int64_t bi, int64_t t, int64_t gi, Acc* bt, Acc* ct) const {
     const T* bp = B + bi * a.bs[0] + t * a.bs[1] + gi * a.bs[2];
     const T* cp = C + bi * a.cs[0] + t * a.cs[1] + gi * a.cs[2];
+    if (std::is_same<T, Acc>::value && a.bs[3] == 1 && a.cs[3] == 1) {
+      std::memcpy(bt, bp, a.n * sizeof(Acc));
+      std::memcpy(ct, cp, a.n * sizeof(Acc));
+      return;
+    }
     for (int64_t j = 0; j < a.n; ++j) { bt[j] = to_acc<Acc>(bp[j * a.bs[3]]); ct[j] = to_acc<Acc>(cp[j * a.cs[3]]); }
   }
   inline void load_row(const T* base, const std::vector<int64_t>& s, int64_t bi, int64_t t, int64_t hi, Acc* v) const {
     const T* q = base + bi * s[0] + t * s[1] + hi * s[2];
+    if (std::is_same<T, Acc>::value && s[3] == 1) {
+      std::memcpy(v, q, a.p * sizeof(Acc));
+      return;
+    }
     for (int64_t i = 0; i < a.p; ++i) v[i] = to_acc<Acc>(q[i * s[3]]);
   }
   inline Acc* ckpt_at(int64_t bi, int64_t hi, int64_t k) const { return ckpt + ((bi * a.h + hi) * K + k) * a.p * a.n; }
@@ -822,7 +832,10 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
     gemm_acc<Acc, 0>(q, n, p, w.dys.data(), p, 1, Hin, n, w.dcb.data(), n);
     for (int64_t s = 0; s < q; ++s) {
       Acc v = 0;
-      for (int64_t j = 0; j < n; ++j) v += w.dcb[s * n + j] * Ck[s * n + j];
+      const Acc* dr = w.dcb.data() + s * n;
+      const Acc* cr = Ck + s * n;
+#pragma omp simd reduction(+ : v)
+      for (int64_t j = 0; j < n; ++j) v += dr[j] * cr[j];
       w.dcs[s] = v;
     }
     // P = dY X̃ᵀ ∘ L; dcs from L
@@ -855,9 +868,13 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
     for (int64_t s = 0; s < q; ++s) {
       const Acc ws = factor ? el * w.ecn[s] : std::exp(last - w.cs[s]);
       Acc dw = 0;
+      const Acc* xr_ = w.xt.data() + s * p;
+      const Acc* tr_ = w.tmp.data() + s * p;
+      Acc* gr_ = w.dxt.data() + s * p;
+#pragma omp simd reduction(+ : dw)
       for (int64_t i = 0; i < p; ++i) {
-        dw += w.xt[s * p + i] * w.tmp[s * p + i];
-        w.dxt[s * p + i] += ws * w.tmp[s * p + i];
+        dw += xr_[i] * tr_[i];
+        gr_[i] += ws * tr_[i];
       }
       dlast += ws * dw;
       w.dcs[s] -= ws * dw;
@@ -869,9 +886,11 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
     }
     // dH_in = e^{cs_last} dH + (diag(e^{cs}) dY)ᵀ C ; dcs_last from e^{cs_last} H_in
     Acc hd = 0;
+    Acc* dhin = w.dhin.data();
+#pragma omp simd reduction(+ : hd)
     for (int64_t j = 0; j < pn; ++j) {
       hd += dH[j] * Hin[j];
-      w.dhin[j] = el * dH[j];
+      dhin[j] = el * dH[j];
     }
     dlast += el * hd;
     w.dcs[q - 1] += dlast;
@@ -882,10 +901,12 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
       rs += w.dcs[s];
       const int64_t row = ((bi * a.l + t0 + s) * a.h + hi) * p;
       Acc dd = 0;
+      const Acc* gr_ = w.dxt.data() + s * p;
+      const Acc* xr_ = w.xr.data() + s * p;
+#pragma omp simd reduction(+ : dd)
+      for (int64_t i = 0; i < p; ++i) dd += gr_[i] * xr_[i];
       for (int64_t i = 0; i < p; ++i) {
-        const Acc gx = w.dxt[s * p + i];
-        dd += gx * w.xr[s * p + i];
-        Acc v = w.dl[s] * gx;
+        Acc v = w.dl[s] * gr_[i];
         if (Dh) v += Dh[i] * w.dy[s * p + i];
         dx[row + i] = from_acc<T>(v);
       }
@@ -899,6 +920,7 @@ void backward_chunked_one(const Ctx<T, Acc>& c, const Acc* cb, int64_t bi, int64
       const Acc tau = static_cast<Acc>(a.state_norm_max);
       if (nrm > tau) {
         Acc hv = 0;
+#pragma omp simd reduction(+ : hv)
         for (int64_t j = 0; j < pn; ++j) hv += Hin[j] * dH[j];
         const Acc f = tau / nrm, qq = hv / (tau * tau);
         for (int64_t j = 0; j < pn; ++j) dH[j] = f * (dH[j] - Hin[j] * qq);
