@@ -40,11 +40,12 @@ def _tile_sums_torch(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
 
 def _tile_sums_cpp(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
     from . import _dispatch
+    from ._cargs import fill_args
 
-    _dispatch.cpp().pairwise_tile_sums(
-        g.data_ptr(), _dispatch.FLOAT_CODES[g.dtype], g.shape[0], g.shape[1], g.stride(0),
-        n2a.data_ptr(), n2b.data_ptr(), 0 if va is None else va.data_ptr(), 0 if vb is None else vb.data_ptr(),
-        int(strict_upper), inv_k1, out.data_ptr(), _dispatch.num_threads())
+    _dispatch.cpp().pairwise_tile_sums(fill_args(
+        "PairwiseTileArgs", gram=g, gram_dtype=_dispatch.FLOAT_CODES[g.dtype], ta=g.shape[0], tb=g.shape[1],
+        gs0=g.stride(0), norms2_a=n2a, norms2_b=n2b, var_a=va, var_b=vb, strict_upper=int(strict_upper),
+        inv_k1=inv_k1, out=out, num_threads=_dispatch.num_threads()))
 
 
 def _tile_sums_triton(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):

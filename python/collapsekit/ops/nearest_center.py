@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _validate
+from .._cargs import fill_args
 
 # 1024 x 1024 fp32 score tiles (4 MiB) stay in the last-level cache between the BLAS product and
 # the arg-min pass. Measured at N=50k, C=8192, D=512 on the 2-core CI-class VM: 4096 x 2048 tiles
@@ -46,9 +47,10 @@ def _tile_argmin_cpp(features: Tensor, rows: Tensor, offsets: Tensor, alpha: flo
         idx = out[r0:r0 + r]
         for c0 in range(0, v.shape[0], CLASS_TILE):
             dots = h @ v[c0:c0 + CLASS_TILE].t()
-            C.argmin_tile_update(dots.data_ptr(), _dispatch.FLOAT_CODES[dt], r, dots.shape[1], dots.stride(0),
-                                 off[c0:].data_ptr(), alpha, c0, best.data_ptr(), idx.data_ptr(),
-                                 _dispatch.num_threads())
+            C.argmin_tile_update(fill_args(
+                "ArgminTileArgs", dots=dots, dtype=_dispatch.FLOAT_CODES[dt], R=r, T=dots.shape[1],
+                ds0=dots.stride(0), offsets=off[c0:], alpha=alpha, col0=c0, best=best, best_idx=idx,
+                num_threads=_dispatch.num_threads()))
     return out
 
 
