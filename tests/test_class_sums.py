@@ -6,7 +6,7 @@ import collapsekit as ck
 from collapsekit import reference as ref
 from collapsekit.ops import class_sums as cs_mod
 
-from conftest import HAS_CUDA, HAS_TRITON, assert_close, backend_devices
+from conftest import HAS_CUDA, HAS_TRITON, assert_close, backend_devices, opcheck
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 PATHS = {"cpp": ["sorted", "direct", "rows"], "triton": ["sorted", "scan", "atomic"]}
@@ -225,10 +225,7 @@ def test_opcheck_cpp():
 def test_opcheck_triton():
     device = "cuda" if HAS_CUDA else "cpu"
     for args in _opcheck_args(device):
-        # test_aot_dispatch_dynamic compiles; the interpreter cannot run compiled Triton on CPU
-        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-        kwargs = {} if HAS_CUDA else dict(test_utils=utils)
-        torch.library.opcheck(cs_mod._class_sums_triton, args, **kwargs)
+        opcheck(cs_mod._class_sums_triton, args)
 
 
 def test_torch_compile_fullgraph_cpu():
