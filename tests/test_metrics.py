@@ -1,4 +1,4 @@
-"""collapse_metrics / CollapseAccumulator.metrics against DESIGN.md's formulas written out in fp64."""
+"""collapse_metrics / CollapseAccumulator.metrics against docs/design.md's formulas written out in fp64."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Neural-collapse metrics (DESIGN.md, "Streaming and metrics") from accumulated totals.
+"""Neural-collapse metrics (docs/design.md, "Streaming and metrics") from accumulated totals.
 
 Everything here is computed from the fp64 totals of a :class:`CollapseAccumulator` (counts, class
 sums, per-class ``V_c``, the within-class scatter) plus, for NC3/NC4, the classifier and the
@@ -74,7 +74,7 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
                         covariance_sum: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
                         bias: Optional[torch.Tensor] = None, decisions: Optional[torch.Tensor] = None
                         ) -> Dict[str, Any]:
-    """All DESIGN.md metric keys from fp64 totals. Absent classes (counts == 0) are excluded;
+    """All docs/design.md metric keys from fp64 totals. Absent classes (counts == 0) are excluded;
     keys that need a classifier (nc3, nc3_cos, unc3), decisions (nc4) or the within-class scatter
     (nc1) are left out when those were not given."""
     present = counts != 0
