@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import collapsekit._C as C
-from collapsekit._cargs import fill_args, struct_fields
+from collapsekit._library import fill_args, struct_fields
 
 # The argument struct of each kernel entry point, with its fields as declared in csrc/<family>.h.
 _ROWS = {"features", "feature_dtype", "N", "D", "fs0", "fs1", "labels", "label_dtype", "K", "ls0", "ls1",

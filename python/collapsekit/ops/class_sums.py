@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate, reference
-from .._cargs import fill_args
+from .._library import fill_args
 
 _PATHS_CPP = {"auto": 0, "sorted": 1, "direct": 2, "rows": 3}
 _PATHS_TRITON = ("auto", "sorted", "scan", "atomic")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate
-from .._cargs import fill_args
+from .._library import fill_args
 from .._tiles import row_tiles
 
 # Rows per CPU tile. Measured at N=65536, D=1024, C=1000 fp32 (2-core VM): 128 rows 0.93 s,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate
-from .._cargs import fill_args
+from .._library import fill_args
 from .._tiles import row_tiles, score_tiles
 
 # 1024 x 1024 fp32 score tiles (4 MiB) stay in the last-level cache between the BLAS product and

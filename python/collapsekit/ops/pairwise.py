@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, reference
-from .._cargs import fill_args
+from .._library import fill_args
 from .._tiles import gram_tiles
 
 PAIR_TILE = 2048     # classes per side of a Gram tile: 2048^2 fp64 = 32 MiB

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate, reference
-from .._cargs import fill_args
+from .._library import fill_args
 from .._tiles import row_tiles
 from .class_sums import class_sums_acc
 
