@@ -519,3 +519,14 @@ def test_packed_bad_input():
             ck.ssd_scan(x1, dt1, A, B1, C1, cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens does not match seq_idx"):
         ck.ssd_scan(x1, dt1, A, B1, C1, cu_seqlens=torch.tensor([0, 4, 10]), seq_idx=si[:1])
+
+
+def test_window_norms_op_opcheck_and_compile():
+    t = make(1, 20, 2, 3, 1, 4, dtype=torch.float32, seed=73)
+    x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
+    torch.library.opcheck(ssd_mod._window_norms_cpp, (x, dt, A, B, C, None, False, 0.0, float("inf"), 1.0, 5),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    f = lambda x, dt, A, B, C: ck.ssd_scan(x, dt, A, B, C, 8, window=5, return_state_norms=True)
+    for a, b_ in zip(torch.compile(f, fullgraph=True)(x, dt, A, B, C), f(x, dt, A, B, C)):
+        torch.testing.assert_close(a, b_)

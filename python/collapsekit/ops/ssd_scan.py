@@ -427,8 +427,13 @@ def _window_norms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, decay_scale, b
         return k.window_norms(*args)
 
 
-def _window_norms_cpp(x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, decay_scale, W):
+@torch.library.custom_op("collapsekit::ssd_window_norms_cpp", mutates_args=())
+def _window_norms_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Optional[Tensor],
+                      dt_softplus: bool, dt_min: float, dt_max: float, decay_scale: float, W: int) -> Tensor:
     b, l, h, p = x.shape
+    if W < 1 or tuple(dt.shape) != (b, l, h) or tuple(A.shape) != (h,) or B.shape[:2] != (b, l) or \
+            C.shape != B.shape or (dt_bias is not None and tuple(dt_bias.shape) != (h,)):
+        raise ValueError("collapsekit::ssd_window_norms_cpp: shapes do not match x (b, l, h, p)")
     n = B.shape[3]
     acc = _acc(x)
     out = torch.empty(b, l, h, p, dtype=x.dtype)
@@ -567,3 +572,9 @@ def _packed(x, dt, A, B, C, chunk_size, kw, init, tau, return_final_states, want
     if want_norms:
         res.append(torch.cat(norms, 0) if norms else x.new_zeros(0, l, h, dtype=_acc(x)))
     return res[0] if len(res) == 1 else tuple(res)
+
+
+@_window_norms_cpp.register_fake
+def _(x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, decay_scale, W):
+    b, l, h, _ = x.shape
+    return x.new_empty(b, l, h, dtype=_acc(x))
