@@ -141,12 +141,18 @@ def classifier_argmax(features: torch.Tensor, weight: torch.Tensor, bias: Option
 
 def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums: torch.Tensor,
                         covariance_sum: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
-                        bias: Optional[torch.Tensor] = None, decisions: Optional[torch.Tensor] = None
-                        ) -> Dict[str, Any]:
-    """All DESIGN.md metric keys from fp64 totals. Absent classes (counts == 0) are excluded;
-    keys that need a classifier (nc3, nc3_cos, unc3), decisions (nc4) or the within-class scatter
-    (nc1) are left out when those were not given."""
-    present = counts != 0
+                        bias: Optional[torch.Tensor] = None, decisions: Optional[torch.Tensor] = None,
+                        *, min_count: float = 1, max_count: Optional[float] = None) -> Dict[str, Any]:
+    """All DESIGN.md metric keys from fp64 totals. Absent classes (counts == 0, or counts outside
+    ``[min_count, max_count]``) are excluded; keys that need a classifier (nc3, nc3_cos, unc3),
+    decisions (nc4) or the within-class scatter (nc1) are left out when those were not given.
+    ``per_class`` keeps every class and a bool ``present`` mask; ``mean_norms`` / ``variances``
+    are filled for every class with a non-zero count (centred on the global mean of the present
+    ones), zero for the rest."""
+    seen = counts != 0
+    present = seen & (counts >= min_count)
+    if max_count is not None:
+        present &= counts <= max_count
     k = int(present.sum())
     c = counts.shape[0]
     idx = present.nonzero()[:, 0]
@@ -169,12 +175,21 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
         tr_b = float(centred.pow(2).sum()) / k
         tr_w = float(variance_sums.double()[idx].sum() / n.sum())
         out["nc1_quotient"] = tr_w / tr_b
-        if covariance_sum is not None:
+        # Σ_W is one [D, D] total over every sample; it cannot be split by class, so nc1 is left
+        # out when the count range drops classes that were seen (nc1_quotient still applies)
+        if covariance_sum is not None and k == int(seen.sum()):
             out["nc1"] = _nc1(centred, covariance_sum.double() / n.sum())
+    sidx = seen.nonzero()[:, 0]
+    zeros = torch.zeros(c, dtype=torch.float64, device=counts.device)
+    if k and sidx.numel() != k:  # classes seen but outside the count range: centred on the same m_G
+        all_norms = zeros.index_copy(0, sidx, (means.double()[sidx] - mu.mean(0, keepdim=True)).norm(dim=1))
+    else:
+        all_norms = zeros.index_copy(0, idx, mean_norms)
     per_class = {
         "counts": counts.double(),
-        "mean_norms": torch.zeros(c, dtype=torch.float64, device=counts.device).index_copy(0, idx, mean_norms),
-        "variances": torch.zeros(c, dtype=torch.float64, device=counts.device).index_copy(0, idx, sigma2),
+        "mean_norms": all_norms,
+        "variances": zeros.index_copy(0, sidx, variance_sums.double()[sidx] / counts.double()[sidx]),
+        "present": present,
     }
     if weight is not None:
         w = weight.double()
