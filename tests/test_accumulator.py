@@ -114,6 +114,22 @@ def _worker(rank, world, port, out_dir):
         acc.all_reduce()  # nothing new since the last one: must not count twice
         torch.save({k: getattr(acc, k) for k in ("counts", "means", "variance_sums", "covariance_sum")},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # one pass: two rounds of update + all_reduce (the second merges into synced totals);
+        # the ranks add their second halves in different rounds
+        one = ck.CollapseAccumulator(11, 17)
+        hs, ys, ws = h[shard], y[shard], w[shard]
+        half = hs.shape[0] // 2
+        one.update(hs[:half], ys[:half], ws[:half])
+        one.all_reduce()
+        if rank == 0:
+            one.update(hs[half:], ys[half:], ws[half:])
+        one.all_reduce()
+        if rank == 1:  # its second half, after the others' were combined
+            one.update(hs[half:], ys[half:], ws[half:])
+        one.all_reduce()
+        one.all_reduce()  # nothing new: must not count twice
+        torch.save({k: getattr(one, k) for k in ("counts", "means", "variance_sums", "covariance_sum")},
+                   os.path.join(out_dir, f"one{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -128,3 +144,7 @@ def test_all_reduce_two_gloo_processes(tmp_path):
         for key, value in got.items():
             # exact up to fp32 rounding inside batches (the shards are batched differently)
             torch.testing.assert_close(value, getattr(single, key), rtol=1e-5, atol=1e-3, msg=f"rank {rank}: {key}")
+        got = torch.load(tmp_path / f"one{rank}.pt")
+        for key, value in got.items():
+            torch.testing.assert_close(value, getattr(single, key), rtol=1e-5, atol=1e-3, msg=f"one-pass rank {rank}: {key}")
+        assert torch.equal(got["covariance_sum"], torch.load(tmp_path / "one0.pt")["covariance_sum"])  # same on every rank
