@@ -121,6 +121,7 @@ class CollapseAccumulator:
         # about its *own* means, and the parts are combined with _chan_merge.
         self._synced = self._zeros()
         self._local = self._zeros()
+        self._synced_used = False  # False: synced is all zeros (no all_reduce yet): read local directly
         self._frozen_means: Optional[torch.Tensor] = None
         self._fingerprint: Optional[str] = None
         self.mode: Optional[str] = None      # None (nothing yet) | "one_pass" | "two_pass"
@@ -135,7 +136,10 @@ class CollapseAccumulator:
 
     # -- read-outs (fp64) ---------------------------------------------------------------------
     def _combined(self) -> Dict[str, torch.Tensor]:
-        """synced ⊕ local: a sum in two-pass mode, a Chan merge in one-pass mode."""
+        """synced ⊕ local: a sum in two-pass mode, a Chan merge in one-pass mode. Without an
+        all_reduce yet, the local tensors themselves (read-only: no [C, D] copy at vocabulary scale)."""
+        if not self._synced_used:
+            return dict(self._local)
         if self.mode != "one_pass" or not bool((self._synced["counts"] != 0).any()):
             return {k: self._synced[k] + self._local[k] for k in _TOTALS}
         out = {k: v.clone() for k, v in self._synced.items()}
@@ -146,7 +150,9 @@ class CollapseAccumulator:
         out["decisions"] += loc["decisions"]
         return out
 
-    def _total(self, key):
+    def _total(self, key, copy=True):
+        if not self._synced_used:
+            return self._local[key].clone() if copy else self._local[key]
         if self.mode == "one_pass" and key in ("variance_sums", "covariance_sum"):
             return self._combined()[key]
         return self._synced[key] + self._local[key]
@@ -161,7 +167,7 @@ class CollapseAccumulator:
         """``[C, D]``: class means (zero rows for absent classes)."""
         counts = self.counts
         safe = torch.where(counts != 0, counts, torch.ones_like(counts))
-        return self._total("sums") / safe[:, None]
+        return self._total("sums", copy=False) / safe[:, None]
 
     @property
     def variance_sums(self) -> torch.Tensor:
@@ -335,9 +341,9 @@ class CollapseAccumulator:
         else:
             if self.batches["variance"] == 0 and not bool(self.variance_sums.any()):
                 raise RuntimeError(f"{op}: run update (one pass) or update_variance (pass 2) over the data first")
-            tot = {k: self._synced[k] + self._local[k] for k in _TOTALS}
+            tot = self._combined()
             means = self._frozen_means if self._frozen_means is not None else self.means
-        return metrics_from_totals(tot["counts"], means, tot["variance_sums"],
+        return metrics_from_totals(tot["counts"].clone(), means, tot["variance_sums"],
                                    tot["covariance_sum"] if self.covariance else None,
                                    None if weight is None else weight.to(self.device),
                                    None if bias is None else bias.to(self.device), tot["decisions"],
@@ -372,6 +378,7 @@ class CollapseAccumulator:
             tot = other._combined()
             self._local = {k: v.to(self.device, torch.float64).clone() for k, v in tot.items()}
             self._synced = self._zeros()
+            self._synced_used = False
             self.mode = other.mode
             self._frozen_means = None if other._frozen_means is None else other._frozen_means.to(self.device).clone()
             self._fingerprint = other._fingerprint
@@ -432,6 +439,7 @@ class CollapseAccumulator:
             return
         if bool(flags[1]):
             self.mode = "two_pass"
+        self._synced_used = True
         keys = [k for k in _TOTALS if self._local[k].numel()]
         flat = torch.cat([self._local[k].reshape(-1) for k in keys])  # one collective, not four
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -461,6 +469,7 @@ class CollapseAccumulator:
         v_all = flat2[:c]
         cov_all = flat2[c:].view(d, d) if self.covariance else None
         rows = (n_all != 0).nonzero()[:, 0]
+        self._synced_used = True
         _chan_merge(self._synced, n_all[rows], s_all[rows], v_all[rows], cov_all, rows)
         self._synced["decisions"] += dec_all
         self._local = self._zeros()
@@ -517,6 +526,7 @@ class CollapseAccumulator:
                 self._local[k] = state["local_" + k].to(self.device, torch.float64).clone()
         self._frozen_means = None if fm is None else fm.to(self.device, torch.float64).clone()
         self._fingerprint = fp
+        self._synced_used = any(bool(v.any()) for v in self._synced.values())
         self.mode = mode
         self.batches = {"means": 0, "variance": 0, "decisions": 0, "update": 0, **state.get("batches", {})}
 

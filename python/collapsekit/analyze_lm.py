@@ -231,6 +231,9 @@ def format_table(r: Dict[str, Any]) -> str:
         head.append(f"per token (present): count {float(pc['counts'][p].min()):.0f}..{float(pc['counts'][p].max()):.0f}, "
                     f"mean norm {float(pc['mean_norms'][p].min()):.4g}..{float(pc['mean_norms'][p].max()):.4g}, "
                     f"σ² {float(pc['variances'][p].min()):.4g}..{float(pc['variances'][p].max()):.4g}")
+    if "nc1" not in fin and fin["num_present"] >= 2:
+        head.append("nc1: not computed (the count range drops tokens that were seen, and Σ_W cannot be split "
+                    "by token; nc1_quotient and cdnv apply)")
     if "nc4" not in fin:
         head.append("nc4: not computed (add --decisions for the second pass)")
     return "\n".join(head)

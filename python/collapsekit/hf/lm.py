@@ -162,10 +162,16 @@ def _forward(model, cap: _Capture, ids, mask):
 def _progress_printer(total_batches: Optional[int]):
     import sys
 
-    t0 = time.perf_counter()
+    state = {"t0": time.perf_counter(), "stage": None}
 
     def show(info):
-        el = time.perf_counter() - t0
+        if info["stage"] != state["stage"]:  # rates and ETA per pass
+            state.update(t0=time.perf_counter(), stage=info["stage"])
+        if info.get("done"):
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            return
+        el = time.perf_counter() - state["t0"]
         rate = info["tokens"] / el if el > 0 else 0.0
         msg = f"\r{info['stage']}: batch {info['batch']}"
         if total_batches:
@@ -175,8 +181,6 @@ def _progress_printer(total_batches: Optional[int]):
                 msg += f", ETA {eta:5.0f} s"
         msg += f", {info['tokens']} tokens, {rate:,.0f} tokens/s   "
         sys.stderr.write(msg)
-        if info.get("done"):
-            sys.stderr.write("\n")
         sys.stderr.flush()
     return show
 
