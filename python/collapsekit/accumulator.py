@@ -34,8 +34,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from . import _dispatch, _validate
-from .ops.class_sums import _class_sums_acc
+from . import _library, _validate
+from .ops.class_sums import class_sums_acc
 from .ops.within_class import within_class_covariance, within_class_variance
 
 _TOTALS = ("sums", "counts", "variance_sums", "covariance_sum", "decisions")
@@ -230,7 +230,7 @@ class CollapseAccumulator:
         classes, inv = torch.unique(labels2, return_inverse=True)
         k = classes.numel()
         # batch statistics in the accumulation dtype (fp32; fp64 for fp64), on the batch's device
-        sums, counts = _class_sums_acc(features, inv, k, weights2, False, "auto", "auto", op)
+        sums, counts = class_sums_acc(features, inv, k, weights2, False, "auto", "auto", op)
         safe = torch.where(counts != 0, counts, torch.ones_like(counts))
         bmeans = sums / safe[:, None]
         v = within_class_variance(features, inv, bmeans, weights2, check=False)
@@ -239,7 +239,7 @@ class CollapseAccumulator:
         if keep.numel() != k:  # classes carried only by zero weights
             classes, sums, counts, v = classes[keep], sums[keep], counts[keep], v[keep]
         _chan_merge(self._local, counts, sums, v, cov, classes.to(self.device),
-                    compute_dtype=_dispatch.accumulation_dtype(features.dtype))
+                    compute_dtype=_library.acc_dtype(features.dtype))
 
     def update_means(self, features: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None):
         """Pass 1: add a batch's per-class sums and counts."""
@@ -250,7 +250,7 @@ class CollapseAccumulator:
                                "start a new accumulator (or load a state saved during pass 1)")
         self._check(features, labels, weights, op)
         self.mode = "two_pass"
-        sums, counts = _class_sums_acc(features, labels, self.num_classes, weights, False, "auto", "auto", op)
+        sums, counts = class_sums_acc(features, labels, self.num_classes, weights, False, "auto", "auto", op)
         self._local["sums"] += sums.to(self.device, torch.float64)
         self._local["counts"] += counts.to(self.device, torch.float64)
         self.batches["means"] += 1

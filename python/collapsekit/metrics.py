@@ -1,4 +1,4 @@
-"""Neural-collapse metrics (DESIGN.md, "Streaming and metrics") from accumulated totals.
+"""Neural-collapse metrics (docs/design.md, "Streaming and metrics") from accumulated totals.
 
 Everything here is computed from the fp64 totals of a :class:`CollapseAccumulator` (counts, class
 sums, per-class ``V_c``, the within-class scatter) plus, for NC3/NC4, the classifier and the
@@ -8,81 +8,16 @@ arg-min / arg-max. Conventions follow the neural-collapse library of Wu & Papyan
 mean is the unweighted mean of the present classes' means, CDNV uses distance exponent 1, NC1 uses
 the pseudo-inverse of the between-class covariance.
 
-The pairwise sweep reduces each BLAS Gram tile with a fused C++ (CPU) or Triton (CUDA) kernel;
-NC4's decisions come from the fused tile arg-min kernels of ops/nearest_center.py.
+The kernels live in the op families: the pairwise sweep is ops/pairwise.py (BLAS Gram tiles, each
+reduced by a fused C++ or Triton pass), NC4's decisions come from the fused tile arg-min kernels of
+ops/nearest_center.py. This module holds only formulas on accumulated totals.
 """
 import math
 from typing import Any, Dict, Optional
 
 import torch
 
-PAIR_TILE = 2048     # classes per side of a Gram tile: 2048^2 fp64 = 32 MiB
-
-
-_PAIR_KEYS = ("pairs", "cos", "cos2", "coherence", "log_kernel", "cdnv")
-
-
-def _tile_sums_torch(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
-    """The pair terms of one Gram tile with torch ops (the reference for the kernels)."""
-    g = g.double()
-    mask = torch.ones_like(g, dtype=torch.bool)
-    if strict_upper:
-        mask = mask.triu(1)
-    cos = g / (n2a.sqrt()[:, None] * n2b.sqrt()[None, :])
-    terms = [mask.double(), cos, cos * cos, (cos + inv_k1).abs(),
-             -0.5 * torch.log((2 - 2 * cos).clamp_min(1e-300))]
-    if va is not None:
-        d2 = (n2a[:, None] + n2b[None, :] - 2 * g).clamp_min(0)
-        terms.append((va[:, None] + vb[None, :]) / (2 * d2))
-    for i, t in enumerate(terms):
-        out[i] += t[mask].sum()
-
-
-def _tile_sums_cpp(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
-    from . import _dispatch
-
-    _dispatch.cpp().pairwise_tile_sums(
-        g.data_ptr(), _dispatch.FLOAT_CODES[g.dtype], g.shape[0], g.shape[1], g.stride(0),
-        n2a.data_ptr(), n2b.data_ptr(), 0 if va is None else va.data_ptr(), 0 if vb is None else vb.data_ptr(),
-        int(strict_upper), inv_k1, out.data_ptr(), _dispatch.num_threads())
-
-
-def _tile_sums_triton(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
-    from .kernels import pairwise
-
-    pairwise.pairwise_tile_sums(g, n2a, n2b, va, vb, strict_upper, inv_k1, out)
-
-
-def pairwise_geometry(centred: torch.Tensor, variances: Optional[torch.Tensor] = None,
-                      tile: Optional[int] = None, backend: str = "auto") -> Dict[str, float]:
-    """One sweep over the pairs c < c' of the rows of ``centred`` ([K, D], the centred means of the
-    present classes) returning the pair sums behind cdnv, nc2_equiangle, nc2_coherence and gnc2.
-
-    Gram tiles ``[tile, tile]`` of the upper triangle come from the device's BLAS in the input
-    dtype; each tile is reduced in one fused pass (C++ on CPU, Triton on CUDA, torch ops for
-    ``backend="reference"``) into fp64 sums. Memory O(tile²)."""
-    from . import _dispatch
-
-    tile = tile or PAIR_TILE
-    k = centred.shape[0]
-    if backend == "reference":
-        reduce = _tile_sums_torch
-    else:
-        resolved = _dispatch.resolve_backend(backend, centred.device, "pairwise_geometry")
-        reduce = {"cpp": _tile_sums_cpp, "triton": _tile_sums_triton, "reference": _tile_sums_torch}[resolved]
-    c32 = centred if centred.dtype in (torch.float32, torch.float64) else centred.float()
-    n2 = c32.double().pow(2).sum(1)
-    var = None if variances is None else variances.to(centred.device, torch.float64).contiguous()
-    out = torch.zeros(6, dtype=torch.float64, device=centred.device)
-    inv_k1 = 1.0 / (k - 1) if k > 1 else 0.0
-    for a0 in range(0, k, tile):
-        a1 = min(k, a0 + tile)
-        for b0 in range(a0, k, tile):
-            b1 = min(k, b0 + tile)
-            g = c32[a0:a1] @ c32[b0:b1].t()
-            reduce(g, n2[a0:a1], n2[b0:b1], None if var is None else var[a0:a1],
-                   None if var is None else var[b0:b1], a0 == b0, inv_k1, out)
-    return dict(zip(_PAIR_KEYS, (float(v) for v in out)))
+from .ops import pairwise
 
 
 def _nc1(centred: torch.Tensor, sigma_w: torch.Tensor, rtol: float = 1e-10) -> float:
@@ -118,10 +53,6 @@ def etf_error_of_rows(rows: torch.Tensor) -> float:
     return math.sqrt(max(val, 0.0))
 
 
-def _compute_dtype(features: torch.Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 def nearest_center_ids(features: torch.Tensor, means: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
     """For each row, ``class_ids[argmin_j ‖h − means[j]‖²]`` through :func:`nearest_class_center`
     (tiled, no [N, C] in memory)."""
@@ -143,7 +74,7 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
                         covariance_sum: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
                         bias: Optional[torch.Tensor] = None, decisions: Optional[torch.Tensor] = None,
                         *, min_count: float = 1, max_count: Optional[float] = None) -> Dict[str, Any]:
-    """All DESIGN.md metric keys from fp64 totals. Absent classes (counts == 0, or counts outside
+    """All docs/design.md metric keys from fp64 totals. Absent classes (counts == 0, or counts outside
     ``[min_count, max_count]``) are excluded; keys that need a classifier (nc3, nc3_cos, unc3),
     decisions (nc4) or the within-class scatter (nc1) are left out when those were not given.
     ``per_class`` keeps every class and a bool ``present`` mask; ``mean_norms`` / ``variances``
@@ -156,14 +87,17 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
     k = int(present.sum())
     c = counts.shape[0]
     idx = present.nonzero()[:, 0]
-    mu = means.double()[idx]
-    centred = mu - mu.mean(0, keepdim=True)
+    # [K, D] fp64 buffers are 300 MB each at vocabulary scale (K = 50k, D = 768): one for the
+    # centred means (centred in place), row tiles for everything that involves the classifier
+    centred = means.double()[idx]
+    m_g = centred.mean(0, keepdim=True)
+    centred -= m_g
     n = counts.double()[idx]
     sigma2 = variance_sums.double()[idx] / n
     mean_norms = centred.norm(dim=1)
     out: Dict[str, Any] = {"num_present": k}
     if k >= 2:
-        pw = pairwise_geometry(centred.float() if k > PAIR_TILE else centred, sigma2)
+        pw = pairwise.pairwise_geometry(centred.float() if k > pairwise.PAIR_TILE else centred, sigma2)
         p = pw["pairs"]
         mean_cos = pw["cos"] / p
         out["cdnv"] = pw["cdnv"] / p
@@ -172,7 +106,7 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
         out["gnc2"] = pw["log_kernel"] / p
         out["nc2_equinorm"] = float(mean_norms.std(unbiased=False) / mean_norms.mean())
         out["etf_error"] = etf_error_of_rows(centred)
-        tr_b = float(centred.pow(2).sum()) / k
+        tr_b = float(mean_norms.pow(2).sum()) / k
         tr_w = float(variance_sums.double()[idx].sum() / n.sum())
         out["nc1_quotient"] = tr_w / tr_b
         # Σ_W is one [D, D] total over every sample; it cannot be split by class, so nc1 is left
@@ -182,7 +116,7 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
     sidx = seen.nonzero()[:, 0]
     zeros = torch.zeros(c, dtype=torch.float64, device=counts.device)
     if k and sidx.numel() != k:  # classes seen but outside the count range: centred on the same m_G
-        all_norms = zeros.index_copy(0, sidx, (means.double()[sidx] - mu.mean(0, keepdim=True)).norm(dim=1))
+        all_norms = zeros.index_copy(0, sidx, (means.double()[sidx] - m_g).norm(dim=1))
     else:
         all_norms = zeros.index_copy(0, idx, mean_norms)
     per_class = {
@@ -192,13 +126,19 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
         "present": present,
     }
     if weight is not None:
-        w = weight.double()
-        per_class["weight_norms"] = w.norm(dim=1)
+        tile = max(1, (1 << 22) // max(1, weight.shape[1]))  # 32 MiB of fp64 rows at a time
+        per_class["weight_norms"] = torch.cat([weight[i:i + tile].double().norm(dim=1)
+                                               for i in range(0, weight.shape[0], tile)])
     if weight is not None and k >= 2:  # with one class the centred mean is 0: no direction to compare
-        w = weight.double()
-        wp = w[idx]
-        out["nc3"] = float((wp / wp.norm() - centred / centred.norm()).pow(2).sum())
-        cos = (wp * centred).sum(1) / (wp.norm(dim=1) * mean_norms)
+        wn = per_class["weight_norms"][idx]
+        w_fro, m_fro = float(wn.pow(2).sum().sqrt()), float(mean_norms.pow(2).sum().sqrt())
+        nc3, dots = 0.0, []
+        for i in range(0, k, tile):  # ‖W_P/‖W_P‖ − M̃/‖M̃‖‖² and the row cosines, tile by tile
+            wt, ct = weight[idx[i:i + tile]].double(), centred[i:i + tile]
+            nc3 += float((wt / w_fro - ct / m_fro).pow(2).sum())
+            dots.append((wt * ct).sum(1))
+        out["nc3"] = nc3
+        cos = torch.cat(dots) / (wn * mean_norms)
         out["nc3_cos"] = float(cos.mean())
         out["unc3"] = float(cos.var(unbiased=False))
     if decisions is not None and float(decisions[1]) > 0:  # [disagreeing rows, rows] from update_decisions
