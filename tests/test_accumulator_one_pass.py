@@ -219,3 +219,14 @@ def test_min_max_count_against_reference_on_the_subset():
         acc.metrics(min_count=5, max_count=2)
     with pytest.raises(TypeError, match="min_count must be a number"):
         acc.metrics(min_count="5")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_batches(dtype):
+    """fp16/bf16 features accumulate in fp32 within a batch, fp64 across batches."""
+    h, y, _, _ = data(n=300, dtype=dtype, scale=1.0, spread=0.3)
+    acc = feed(ck.CollapseAccumulator(17, 13), h, y, None, 64)
+    means, counts = ref.class_means(h, y, 17)
+    close(acc.counts, counts, 0)
+    close(acc.variance_sums, ref.within_class_variance(h, y, means), 1e-5, 1e-6)
+    close(acc.covariance_sum, ref.within_class_covariance(h, y, means), 1e-5, 1e-5)

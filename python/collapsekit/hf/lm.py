@@ -217,7 +217,9 @@ def collect_lm(model, batches: Iterable, *, accumulator: Optional[CollapseAccumu
     op = "collect_lm"
     weight, bias = output_classifier(model)
     vocab, dim = weight.shape
-    device = weight.device
+    device = weight.device          # the totals live with the head (and its features)
+    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    ids_device = getattr(getattr(emb, "weight", None), "device", device)   # models split over devices
     blocks = None
     final_idx = None
     want: List[int] = []
@@ -259,7 +261,7 @@ def collect_lm(model, batches: Iterable, *, accumulator: Optional[CollapseAccumu
             tokens = 0
             nb = 0
             for b in batches:
-                ids, mask = _batch(b, device, op)
+                ids, mask = _batch(b, ids_device, op)
                 if ids.shape[1] < 2:
                     nb += 1
                     continue
@@ -272,13 +274,15 @@ def collect_lm(model, batches: Iterable, *, accumulator: Optional[CollapseAccumu
                 if mask is not None:
                     m = mask != 0
                     valid = m[:, :-1] & m[:, 1:]
-                labels = ids[:, 1:]
+                labels = ids[:, 1:].to(device)
+                if valid is not None:
+                    valid = valid.to(device)
                 labels = labels.reshape(-1) if valid is None else labels[valid]
                 feats = {final_idx: cap.final}
                 feats.update(cap.out)
                 pred = None
                 for j, h in feats.items():
-                    h = h[:, :-1]
+                    h = h[:, :-1].to(device)
                     h = h.reshape(-1, h.shape[-1]) if valid is None else h[valid]
                     acc = accumulator if (j == final_idx or not accs) else accs[j]
                     if stage == "update":
