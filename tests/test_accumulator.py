@@ -114,19 +114,18 @@ def _worker(rank, world, port, out_dir):
         acc.all_reduce()  # nothing new since the last one: must not count twice
         torch.save({k: getattr(acc, k) for k in ("counts", "means", "variance_sums", "covariance_sum")},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        # one pass: two rounds of update + all_reduce (the second merges into synced totals);
-        # the ranks add their second halves in different rounds
+        # one pass, in three rounds of update + all_reduce: rank 1 has nothing in the first (no mode
+        # yet: it follows rank 0's), the later rounds merge into the synced totals
         one = ck.CollapseAccumulator(11, 17)
         hs, ys, ws = h[shard], y[shard], w[shard]
         half = hs.shape[0] // 2
-        one.update(hs[:half], ys[:half], ws[:half])
-        one.all_reduce()
-        if rank == 0:
-            one.update(hs[half:], ys[half:], ws[half:])
-        one.all_reduce()
-        if rank == 1:  # its second half, after the others' were combined
-            one.update(hs[half:], ys[half:], ws[half:])
-        one.all_reduce()
+        parts = [(hs[:half], ys[:half], ws[:half]), (hs[half:], ys[half:], ws[half:])]
+        rounds = [[parts[0]], [parts[1]], []] if rank == 0 else [[], [parts[0]], [parts[1]]]
+        for batches in rounds:
+            for hb, yb, wb in batches:
+                one.update(hb, yb, wb)
+            one.all_reduce()
+        assert one.mode == "one_pass"
         one.all_reduce()  # nothing new: must not count twice
         torch.save({k: getattr(one, k) for k in ("counts", "means", "variance_sums", "covariance_sum")},
                    os.path.join(out_dir, f"one{rank}.pt"))
