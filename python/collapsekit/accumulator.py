@@ -309,7 +309,7 @@ class CollapseAccumulator:
 
     def metrics(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
                 min_count: float = 1, max_count: Optional[float] = None) -> Dict[str, Any]:
-        """The DESIGN.md metric dict (see :mod:`collapsekit.metrics`). ``weight [C, D]`` / ``bias [C]``:
+        """The docs/design.md metric dict (see :mod:`collapsekit.metrics`). ``weight [C, D]`` / ``bias [C]``:
         the classifier, for nc3, nc3_cos, unc3 and per_class weight_norms. nc4 appears once
         ``update_decisions`` has counted rows; nc1 needs ``covariance=True``.
 
