@@ -19,9 +19,12 @@ def tiny(kind):
     elif kind == "llama":
         cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    else:
+    elif kind == "mamba":
         cfg = transformers.MambaConfig(vocab_size=V, hidden_size=16, state_size=4, num_hidden_layers=2,
                                        expand=2, conv_kernel=3)
+    else:
+        cfg = transformers.Mamba2Config(vocab_size=V, hidden_size=16, state_size=8, num_hidden_layers=2, expand=2,
+                                        head_dim=8, num_heads=4, n_groups=1, conv_kernel=3, chunk_size=8)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -44,7 +47,7 @@ def reference_stats(model, batches, index=-1):
     return torch.cat(feats).double(), torch.cat(labels), torch.cat(logits)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mamba"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mamba", "mamba2"])
 def test_collect_lm_matches_hidden_states(kind):
     model = tiny(kind)
     batches = token_batches()
