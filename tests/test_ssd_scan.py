@@ -466,6 +466,8 @@ def test_packed_sequences_equal_separate_runs(backend, device):
     want = ck.ssd_scan(tr["x"], tr["dt"], tr["A"], tr["B"], tr["C"], 8, z=tr["z"], initial_states=tr["initial_states"],
                        seq_idx=seq_idx.cpu(), **{**kw, "D": tr["D"], "dt_bias": tr["dt_bias"], "backend": "reference"})
     assert_close(out, want, torch.float64)
+    if small:
+        return  # the interpreter is slow; the gradients go through the same composition as for cpp
     names = ["x", "dt", "A", "B", "C", "initial_states"]
     got = torch.autograd.grad(out.sum(), [t[k] for k in names])
     ref_g = torch.autograd.grad(want.sum(), [tr[k] for k in names])
