@@ -110,7 +110,7 @@ PYBIND11_MODULE(_C, m) {
   csa.def_readwrite("C", &ClassSumsArgs::C).def_readwrite("sums", &ClassSumsArgs::sums)
       .def_readwrite("counts", &ClassSumsArgs::counts).def_readwrite("path", &ClassSumsArgs::path)
       .def_readwrite("num_threads", &ClassSumsArgs::num_threads);
-  m.def("class_sums", static_cast<void (*)(const ClassSumsArgs&)>(CK_DISPATCH(class_sums)),
+  m.def("class_sums", static_cast<void (*)(const ClassSumsArgs&)>(CK_DISPATCH512(class_sums)),
         py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "sums[C, D], counts[C] (accumulation dtype, contiguous) of weighted feature rows per label");
   m.def("choose_class_sums_path", &choose_class_sums_path);
@@ -119,7 +119,7 @@ PYBIND11_MODULE(_C, m) {
   bind_labeled_rows(wca);
   wca.def_readwrite("C", &WithinClassArgs::C).def_readwrite("means", &WithinClassArgs::means)
       .def_readwrite("out", &WithinClassArgs::out).def_readwrite("num_threads", &WithinClassArgs::num_threads);
-  m.def("within_class_variance", static_cast<void (*)(const WithinClassArgs&)>(CK_DISPATCH(within_class_variance)),
+  m.def("within_class_variance", static_cast<void (*)(const WithinClassArgs&)>(CK_DISPATCH512(within_class_variance)),
         py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "out[C] (accumulation dtype) = per-class sum of w * ||h - means[label]||^2; means contiguous, acc dtype");
   py::class_<CenterRowsArgs>(m, "CenterRowsArgs", "arguments of center_rows (see csrc/within_class.h)")
@@ -133,7 +133,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("means", &CenterRowsArgs::means).def_readwrite("out", &CenterRowsArgs::out)
       .def_readwrite("out_weights", &CenterRowsArgs::out_weights)
       .def_readwrite("num_threads", &CenterRowsArgs::num_threads);
-  m.def("center_rows", static_cast<void (*)(const CenterRowsArgs&)>(CK_DISPATCH(center_rows)),
+  m.def("center_rows", static_cast<void (*)(const CenterRowsArgs&)>(CK_DISPATCH512(center_rows)),
         py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "out[R, D] = features - means[labels] (zero rows for out-of-range labels), out_weights[R] = weights");
 

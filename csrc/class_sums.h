@@ -18,10 +18,12 @@ struct ClassSumsArgs : LabeledRowsArgs {
   int num_threads = 1;
 };
 
-// One definition per instruction-set build (namespaces base, avx2); bindings.cpp picks at run time.
+// One definition per instruction-set build (namespaces base, avx2, avx512); bindings.cpp picks at
+// run time.
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { void class_sums(const ClassSumsArgs& a); }
 COLLAPSEKIT_DECLARE_ISA(base)
 COLLAPSEKIT_DECLARE_ISA(avx2)
+COLLAPSEKIT_DECLARE_ISA(avx512)
 #undef COLLAPSEKIT_DECLARE_ISA
 
 

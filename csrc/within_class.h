@@ -25,12 +25,14 @@ struct CenterRowsArgs {
   int num_threads = 1;
 };
 
-// One definition per instruction-set build (namespaces base, avx2); bindings.cpp picks at run time.
+// One definition per instruction-set build (namespaces base, avx2, avx512); bindings.cpp picks at
+// run time.
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { \
 void within_class_variance(const WithinClassArgs& a); \
 void center_rows(const CenterRowsArgs& a); }
 COLLAPSEKIT_DECLARE_ISA(base)
 COLLAPSEKIT_DECLARE_ISA(avx2)
+COLLAPSEKIT_DECLARE_ISA(avx512)
 #undef COLLAPSEKIT_DECLARE_ISA
 
 }  // namespace collapsekit
