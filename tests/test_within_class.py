@@ -206,3 +206,18 @@ def test_fused_covariance_row_splits():
     for splits in (1, 3, 7):
         cov = within_class.within_class_covariance(h, y[:, None], w[:, None], means, splits=splits)
         assert_close(cov, ref.within_class_covariance(h, y, means, w), torch.float32, scale=100)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_cpp_isa_builds_agree(cpu_isa, dtype):
+    # within_class.cpp is compiled per ISA (base, avx2, avx512 in CK_AVX512_SOURCES): each build
+    # against the reference, variance (hard labels, soft weighted) and the centred-row tiles.
+    h, y, means, _ = problem(301, 45, 11, dtype, "cpu", 21)
+    tol = torch.float32 if dtype != torch.float64 else dtype
+    assert_close(ck.within_class_variance(h, y, means, backend="cpp"), ref.within_class_variance(h, y, means), tol,
+                 scale=100)
+    hs, ys, ms, ws = problem(301, 45, 11, dtype, "cpu", 22, k=3, weighted=True)
+    assert_close(ck.within_class_variance(hs, ys, ms, weights=ws, backend="cpp"),
+                 ref.within_class_variance(hs, ys, ms, weights=ws), tol, scale=100)
+    assert_close(ck.within_class_covariance(h, y, means, backend="cpp", path="tiles"),
+                 ref.within_class_covariance(h, y, means), tol, scale=100)
