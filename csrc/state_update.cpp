@@ -124,42 +124,39 @@ template <typename Acc> void store_vec(uintptr_t p, int code, int64_t off, int64
   });
 }
 
-constexpr int LANES = 16;
+constexpr int LANES = 32;  // independent partial sums of <s, C>: 4 AVX2 accumulators, no FMA latency chain
 
-// s = s * dA + c * Bv; returns <s, Cv>. dA is a scalar (dAv == nullptr) or a row.
-template <typename Acc>
-inline Acc update_row(Acc* __restrict s, const Acc* __restrict dAv, Acc dA, Acc c, const Acc* __restrict Bv,
-                      const Acc* __restrict Cv, int64_t n) {
+// One state row: s = s * dA + c * Bv, returns <s, Cv>. dA is a scalar (dAv == nullptr) or a row.
+template <typename Acc, bool ROW>
+inline Acc update_row_t(Acc* __restrict s, const Acc* __restrict dAv, Acc dA, Acc c, const Acc* __restrict Bv,
+                        const Acc* __restrict Cv, int64_t n) {
   Acc part[LANES] = {};
   int64_t i = 0;
-  if (dAv) {
-    for (; i + LANES <= n; i += LANES)
-      for (int j = 0; j < LANES; ++j) {
-        const Acc v = s[i + j] * dAv[i + j] + c * Bv[i + j];
-        s[i + j] = v;
-        part[j] += v * Cv[i + j];
-      }
-    for (; i < n; ++i) {
-      const Acc v = s[i] * dAv[i] + c * Bv[i];
-      s[i] = v;
-      part[0] += v * Cv[i];
+  for (; i + LANES <= n; i += LANES)
+    for (int j = 0; j < LANES; ++j) {
+      const Acc v = s[i + j] * (ROW ? dAv[i + j] : dA) + c * Bv[i + j];
+      s[i + j] = v;
+      part[j] += v * Cv[i + j];
     }
-  } else {
-    for (; i + LANES <= n; i += LANES)
-      for (int j = 0; j < LANES; ++j) {
-        const Acc v = s[i + j] * dA + c * Bv[i + j];
-        s[i + j] = v;
-        part[j] += v * Cv[i + j];
-      }
-    for (; i < n; ++i) {
-      const Acc v = s[i] * dA + c * Bv[i];
-      s[i] = v;
-      part[0] += v * Cv[i];
+  for (; i + LANES / 2 <= n; i += LANES / 2)  // Mamba-1's n = 16
+    for (int j = 0; j < LANES / 2; ++j) {
+      const Acc v = s[i + j] * (ROW ? dAv[i + j] : dA) + c * Bv[i + j];
+      s[i + j] = v;
+      part[j] += v * Cv[i + j];
     }
+  for (; i < n; ++i) {
+    const Acc v = s[i] * (ROW ? dAv[i] : dA) + c * Bv[i];
+    s[i] = v;
+    part[0] += v * Cv[i];
   }
-  Acc y = 0;
-  for (int j = 0; j < LANES; ++j) y += part[j];
-  return y;
+  for (int w = LANES / 2; w >= 1; w /= 2)  // pairwise tree: a short dependency chain
+    for (int j = 0; j < w; ++j) part[j] += part[j + w];
+  return part[0];
+}
+
+template <typename Acc>
+inline Acc update_row(Acc* s, const Acc* dAv, Acc dA, Acc c, const Acc* Bv, const Acc* Cv, int64_t n) {
+  return dAv ? update_row_t<Acc, true>(s, dAv, dA, c, Bv, Cv, n) : update_row_t<Acc, false>(s, dAv, dA, c, Bv, Cv, n);
 }
 
 void check(const StateUpdateArgs& a) {
@@ -209,13 +206,16 @@ template <typename Acc> void run(const StateUpdateArgs& a) {
   nt = static_cast<int>(std::min<int64_t>(nt, std::max<int64_t>(tasks, 1)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<Acc> work(static_cast<size_t>(4 * n + 2 * P + 8));
+    std::vector<Acc> work(static_cast<size_t>(4 * n + 5 * P + 8));
     Acc* Bv = work.data();
     Acc* Cv = Bv + n;
     Acc* dAv = Cv + n;
     Acc* sb = dAv + n;
     Acc* dtb = sb + n;
     Acc* xb = dtb + P;
+    Acc* yb = xb + P;
+    Acc* zb = yb + P;
+    Acc* Db = zb + P;
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t bi = task / a.h, hi = task % a.h, gi = hi / hpg;
@@ -252,15 +252,19 @@ template <typename Acc> void run(const StateUpdateArgs& a) {
         if (r < 0) std::fill(sb, sb + n, Acc(0));
         else if (in_place) s = reinterpret_cast<Acc*>(a.state) + soff;
         else load_vec(a.state, a.state_code, soff, a.ss[3], n, sb);
-        Acc y = update_row(s, dArow, dA, dtv * xv, Bv, Cv, n);
+        yb[q] = update_row(s, dArow, dA, dtv * xv, Bv, Cv, n);
         if (r >= 0 && !in_place) store_vec(a.state, a.state_code, soff, a.ss[3], n, sb);
-        if (a.D) y += load1<Acc>(a.D, a.D_code, hi * a.Ds[0] + q * a.Ds[1]) * xv;
-        if (a.z) {
-          const Acc zv = load1<Acc>(a.z, a.z_code, bi * a.zs[0] + hi * a.zs[1] + q * a.zs[2]);
-          y *= zv / (Acc(1) + std::exp(-zv));
-        }
-        store1<Acc>(a.out, a.out_code, bi * a.os[0] + hi * a.os[1] + q * a.os[2], y);
       }
+      // skip connection and gate over the head's rows at once (vectorised)
+      if (a.D) {
+        load_vec(a.D, a.D_code, hi * a.Ds[0], a.Ds[1], P, Db);
+        for (int64_t q = 0; q < P; ++q) yb[q] += Db[q] * xb[q];
+      }
+      if (a.z) {
+        load_vec(a.z, a.z_code, bi * a.zs[0] + hi * a.zs[1], a.zs[2], P, zb);
+        for (int64_t q = 0; q < P; ++q) yb[q] *= zb[q] / (Acc(1) + exp_poly(-zb[q]));
+      }
+      store_vec(a.out, a.out_code, bi * a.os[0] + hi * a.os[1], a.os[2], P, yb);
     }
   }
 }
