@@ -9,12 +9,13 @@ docs/state_update.md). The same kernel is registered as ``collapsekit::selective
 ``collapsekit::selective_state_update_triton`` is the GPU path. Both registered ops check every
 shape and stride they index, so a direct call can never read or write out of bounds.
 """
+import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import _dispatch, reference
+from .. import _dispatch, _library, reference
 
 _FLOAT = _dispatch.FLOAT_CODES
 _INDEX = _dispatch.INDEX_CODES
@@ -152,11 +153,48 @@ def _args(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id, dt_softplus, d
     return a
 
 
+# Filled StateUpdateArgs per thread, keyed by everything except the data pointers: a decode loop
+# calls with the same layout every step, so a step sets 6-9 pointers instead of ~45 fields.
+_tls = threading.local()
+_CACHE_MAX = 64
+
+
+def _args_for(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id, dt_softplus, decay_scale, out, sizes, strides):
+    key = (sizes, strides, state.dtype, x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype,
+           None if D is None else D.dtype, None if z is None else z.dtype,
+           None if dt_bias is None else dt_bias.dtype, None if idx is None else (idx.dtype, idx.stride(0)),
+           pad_slot_id, bool(dt_softplus), float(decay_scale), torch.get_num_threads())
+    cache = getattr(_tls, "cache", None)
+    if cache is None:
+        cache = _tls.cache = {}
+    a = cache.get(key)
+    if a is None:
+        a = _args(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id, dt_softplus, decay_scale, out, sizes,
+                  strides)
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[key] = a
+        return a
+    a.state, a.x, a.dt, a.A, a.B, a.C = (state.data_ptr(), x.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(),
+                                         C.data_ptr())
+    a.out = out.data_ptr()
+    if D is not None:
+        a.D = D.data_ptr()
+    if z is not None:
+        a.z = z.data_ptr()
+    if dt_bias is not None:
+        a.dt_bias = dt_bias.data_ptr()
+    if idx is not None:
+        a.idx = idx.data_ptr()
+    return a
+
+
 def _run_cpp(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id, dt_softplus, decay_scale, out=None):
     sizes, strides = _canonical(state, x, dt, A, B, C, D, z, dt_bias, idx)
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype)
-    a = _args(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id, dt_softplus, decay_scale, out, sizes, strides)
+    a = _args_for(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id, dt_softplus, decay_scale, out, sizes,
+                  strides)
     try:
         _dispatch.cpp().selective_state_update(a)
     except ValueError as e:  # the kernel's range check of state_batch_indices (nothing was written)
@@ -175,7 +213,7 @@ def _check_devices(state, others):
 # Registered ops (torch.compile, direct calls, CUDA)
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("collapsekit::selective_state_update_cpp", mutates_args=("state",))
+@_library.cpu_op("selective_state_update_cpp", mutates_args=("state",))
 def _op_cpp(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
             z: Optional[Tensor], dt_bias: Optional[Tensor], state_batch_indices: Optional[Tensor], pad_slot_id: int,
             dt_softplus: bool, decay_scale: float) -> Tensor:
@@ -198,20 +236,14 @@ def _triton_impl(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     return out
 
 
-if hasattr(torch.library, "triton_op"):  # torch >= 2.6
-    _op_triton = torch.library.triton_op("collapsekit::selective_state_update_triton", _triton_impl,
-                                         mutates_args=("state",))
-else:  # torch 2.4/2.5
-    _op_triton = torch.library.custom_op("collapsekit::selective_state_update_triton", _triton_impl,
-                                         mutates_args=("state",))
+_op_triton = _library.triton_op("selective_state_update_triton", _triton_impl, mutates_args=("state",))
 
 
 def _fake(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id, dt_softplus, decay_scale):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-_op_cpp.register_fake(_fake)
-_op_triton.register_fake(_fake)
+_library.register((_op_cpp, _op_triton), fake=_fake)
 
 
 # ---------------------------------------------------------------------------------------------
