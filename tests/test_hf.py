@@ -214,3 +214,16 @@ def test_version_check(monkeypatch):
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.0")
     with pytest.raises(RuntimeError, match=r"supports transformers >= 5.24, < 6; found transformers 4.57.0"):
         ckhf.patch(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_step_with_grad_is_differentiable(kind):
+    """A one-token cached call under grad mode takes the (differentiable) scan, same values."""
+    m = ckhf.patch(build(kind))
+    x = ids(L=9)
+    with torch.no_grad():
+        want = _run_pieces(m, x, [8])
+    got = _run_pieces(m, x, [8])
+    got[:, -1].sum().backward()
+    assert m.lm_head.weight.grad is not None
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)

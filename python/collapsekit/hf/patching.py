@@ -119,6 +119,14 @@ def _record(cfg, norms, reset):
     cfg.norms.append(norms.detach())
 
 
+def _saved(state):
+    """The cached state as a scan's initial state: a copy under grad mode (the cache is then
+    overwritten in place, which would invalidate the tensor autograd saved)."""
+    if state is not None and torch.is_grad_enabled():
+        return state.clone()
+    return state
+
+
 _SSD_PARAMS = None
 
 
@@ -144,7 +152,7 @@ def _mamba2_forward(self, hidden_states, cache=None, attention_mask=None, cache_
     x, B, C = xbc.split([I, G * N, G * N], dim=-1)
     lo, hi = self.time_step_limit
     default_limit = lo == 0.0 and hi == float("inf")
-    if state is not None and L == 1:
+    if state is not None and L == 1 and not (torch.is_grad_enabled() and proj.requires_grad):
         pos = _positions(cache, self.layer_idx, False, 1)
         tau = cfg.state_norm_max
         if tau is not None and pos > 0 and pos % self.chunk_size == 0:
@@ -167,6 +175,7 @@ def _mamba2_forward(self, hidden_states, cache=None, attention_mask=None, cache_
             _record(cfg, torch.linalg.vector_norm(state.float().flatten(2), dim=-1)[:, None, :], False)
         y = y.view(b, 1, I)
     else:
+        # (also a one-token step that must be differentiable: the decode kernel is not)
         fresh = state is None
         kw = {}
         if cache is not None:
@@ -177,13 +186,13 @@ def _mamba2_forward(self, hidden_states, cache=None, attention_mask=None, cache_
             # state_norm_max counts chunk boundaries from this call's start (docs/hf.md).
         res = ck.ssd_scan(
             x.view(b, L, H, P), dt, A, B.view(b, L, G, N), C.view(b, L, G, N), chunk_size=self.chunk_size,
-            D=self.D, dt_bias=self.dt_bias, initial_states=state, dt_softplus=True, dt_limit=(lo, hi),
+            D=self.D, dt_bias=self.dt_bias, initial_states=_saved(state), dt_softplus=True, dt_limit=(lo, hi),
             return_final_states=cache is not None, return_state_norms=cfg.record, decay_scale=cfg.decay_scale,
             state_norm_max=cfg.state_norm_max, **kw)
         res = res if isinstance(res, tuple) else (res,)
         y = res[0]
         if cache is not None:
-            cache.update_recurrent_state(res[1].to(y.dtype if state is None else state.dtype), self.layer_idx)
+            cache.update_recurrent_state(res[1] if state is None else res[1].to(state.dtype), self.layer_idx)
         if cfg.record:
             _record(cfg, res[-1], True)
         y = y.reshape(b, L, I)
@@ -205,7 +214,7 @@ def _mamba_forward(self, hidden_states, cache=None, attention_mask=None, cache_p
     dt = self.dt_proj.weight @ ts.transpose(1, 2)  # (b, I, L); the bias goes in as delta_bias
     bias = self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
     A = -torch.exp(self.A_log.float())
-    if state is not None and L == 1:
+    if state is not None and L == 1 and not (torch.is_grad_enabled() and proj.requires_grad):
         y = ck.selective_state_update(state, x[:, 0, :], dt[..., 0], A, B[:, 0], C[:, 0], self.D, z=gate[..., 0],
                                       dt_bias=bias, dt_softplus=True).unsqueeze(-1)
         if cfg.record:
@@ -213,11 +222,11 @@ def _mamba_forward(self, hidden_states, cache=None, attention_mask=None, cache_p
     else:
         res = ck.selective_scan(x.transpose(1, 2), dt, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
                                 z=gate, delta_bias=bias, delta_softplus=True, return_last_state=cache is not None,
-                                initial_state=state, return_state_norms=cfg.record)
+                                initial_state=_saved(state), return_state_norms=cfg.record)
         res = res if isinstance(res, tuple) else (res,)
         y = res[0]
         if cache is not None:
-            cache.update_recurrent_state(res[1].to(y.dtype if state is None else state.dtype), self.layer_idx)
+            cache.update_recurrent_state(res[1] if state is None else res[1].to(state.dtype), self.layer_idx)
         if cfg.record:
             _record(cfg, res[-1], True)
     return self.out_proj(y.transpose(1, 2).to(dtype))
