@@ -67,14 +67,14 @@ def _kernel_only(state, x, dt, A, B, C, D, dt_bias):
     return out
 
 
-def _step_workload(b, h, p, g, n):
+def _step_workload(b, h, p, g, n, quick=False, full=True):
     elt = 4
     return Workload(op=f"selective_state_update x{STEPS}", shape=dict(b=b, h=h, p=p, g=g, n=n), dtype=torch.float32,
                     make=lambda device: _step_inputs(b, h, p, g, n, device),
                     baselines={"eager": _repeat(eager_state_update)}, collapsekit=_repeat(_ck_step),
                     variants={"cpu": {"kernel_only": _kernel_only}},
                     bytes_moved=lambda inp: STEPS * 2 * b * h * p * n * elt,
-                    floor_bytes=lambda inp: b * h * p * n * elt, devices=("cpu", "cuda"),
+                    floor_bytes=lambda inp: b * h * p * n * elt, devices=("cpu", "cuda"), quick=quick, full=full,
                     # in-place steps: outputs of two separate runs are compared on fresh states
                     check=_check_step)
 
@@ -89,7 +89,8 @@ def _check_step(got, want, inp):
     torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
 
 
-register(_step_workload(1, 24, 64, 1, 128))
+register(_step_workload(1, 24, 64, 1, 128))  # one step of Mamba-2-130m-like layer (issue 14's goal shape)
+register(_step_workload(2, 4, 16, 2, 16, quick=True, full=False))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def _check_tokens(got, want, inp):
         raise AssertionError("greedy generations differ between transformers and the patched model")
 
 
-def _model_workload(name, build, L, kind, hidden, layers):
+def _model_workload(name, build, L, kind, hidden, layers, quick=False, full=True):
     fn = {"forward": _forward, "train": _train_step, "decode": _decode}[kind]
     return Workload(op=f"hf_{name}_{kind}", shape=dict(hidden=hidden, layers=layers, L=L) if kind != "decode"
                     else dict(hidden=hidden, layers=layers, prompt=L, new=64),
@@ -177,6 +178,7 @@ def _model_workload(name, build, L, kind, hidden, layers):
                     bytes_moved=lambda inp: sum(p.numel() * 4 for p in inp["hf"].parameters()),
                     floor_bytes=lambda inp: sum(p.numel() * 4 for p in inp["hf"].parameters()),
                     devices=("cpu",), compile=False, check=_check_tokens if kind == "decode" else None,
+                    quick=quick, full=full,
                     rtol=1e-3)
 
 
@@ -187,3 +189,4 @@ if _hf_available():
     register(_model_workload("mamba", _mamba_model, 512, "train", 256, 4))
     register(_model_workload("mamba2", _mamba2_model, 16, "decode", 256, 4))
     register(_model_workload("mamba", _mamba_model, 16, "decode", 256, 4))
+    register(_model_workload("mamba2", lambda: _mamba2_model(64, 2, 128), 128, "forward", 64, 2, quick=True, full=False))
