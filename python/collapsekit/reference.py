@@ -218,7 +218,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, *, initial_state: Optional[torch.Tensor] = None,
                    return_state_norms: bool = False, seq_idx: Optional[torch.Tensor] = None):
-    """Mamba-1 selective scan, one time step at a time, in fp64 (DESIGN.md, selective_scan):
+    """Mamba-1 selective scan, one time step at a time, in fp64 (docs/design.md, selective_scan):
 
         dt_t = softplus(delta_t + delta_bias) (or without softplus)
         x_t  = exp(dt_t * A) * x_{t-1} + dt_t * B_t * u_t,   x_{-1} = initial_state or 0
@@ -265,7 +265,7 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
                            z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
                            dt_softplus: bool = False, *, state_batch_indices: Optional[torch.Tensor] = None,
                            pad_slot_id: int = -1, decay_scale: float = 1.0) -> torch.Tensor:
-    """One decode step in fp64 (DESIGN.md, "Mamba in real models"), in place on ``state``:
+    """One decode step in fp64 (docs/design.md, "Mamba in real models"), in place on ``state``:
 
         dt' = softplus(dt + dt_bias) (or not);  s = decay_scale * exp(dt' A) * s + dt' x B
         out = <s, C> + D x;  out *= silu(z) if z is given

@@ -88,10 +88,9 @@ def _base_args(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk, seq_i
 
 def _call(fn, fields: dict) -> None:
     """Fill _C.SelectiveScanArgs (csrc/selective_scan.h; unset fields are 0) and run the kernel."""
-    a = _dispatch.cpp().SelectiveScanArgs()
-    for k, v in fields.items():
-        setattr(a, k, int(v))
-    fn(a)
+    full = dict.fromkeys(_library.struct_fields("SelectiveScanArgs"), 0)
+    full.update((k, int(v)) for k, v in fields.items())
+    fn(_library.fill_args("SelectiveScanArgs", **full))
 
 
 def _empty_outputs(u, A, want_norms, save, chunk):

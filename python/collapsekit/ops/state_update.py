@@ -130,27 +130,19 @@ def _args(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id, dt_softplus, d
     """The one place that fills _C.StateUpdateArgs (field meanings in csrc/state_update.h)."""
     b, h, P, n, g, rows = sizes
     ss, xs, ds_, As, bs, cs, Ds, zs, dbs = strides
-    a = _dispatch.cpp().StateUpdateArgs()
-    a.b, a.h, a.p, a.n, a.g, a.rows = b, h, P, n, g, rows
-    a.acc = 1 if (x.dtype == torch.float64 or state.dtype == torch.float64) else 0
-    a.state, a.state_code, a.ss = state.data_ptr(), _FLOAT[state.dtype], ss
-    a.x, a.x_code, a.xs = x.data_ptr(), _FLOAT[x.dtype], xs
-    a.dt, a.dt_code, a.dts = dt.data_ptr(), _FLOAT[dt.dtype], ds_
-    a.A, a.A_code, a.As = A.data_ptr(), _FLOAT[A.dtype], As
-    a.B, a.B_code, a.bs = B.data_ptr(), _FLOAT[B.dtype], bs
-    a.C, a.C_code, a.cs = C.data_ptr(), _FLOAT[C.dtype], cs
-    if D is not None:
-        a.D, a.D_code, a.Ds = D.data_ptr(), _FLOAT[D.dtype], Ds
-    if z is not None:
-        a.z, a.z_code, a.zs = z.data_ptr(), _FLOAT[z.dtype], zs
-    if dt_bias is not None:
-        a.dt_bias, a.dt_bias_code, a.dbs = dt_bias.data_ptr(), _FLOAT[dt_bias.dtype], dbs
-    if idx is not None:
-        a.idx, a.idx_code, a.idx_s, a.pad_slot_id = idx.data_ptr(), _INDEX[idx.dtype], idx.stride(0), pad_slot_id
+    code = lambda t: 0 if t is None else _FLOAT[t.dtype]
     os_ = out.stride()
-    a.out, a.out_code, a.os = out.data_ptr(), _FLOAT[out.dtype], (os_ if out.dim() == 3 else (os_[0], 0, os_[1]))
-    a.dt_softplus, a.decay_scale, a.num_threads = int(dt_softplus), float(decay_scale), torch.get_num_threads()
-    return a
+    return _library.fill_args(
+        "StateUpdateArgs", b=b, h=h, p=P, n=n, g=g, rows=rows,
+        acc=1 if (x.dtype == torch.float64 or state.dtype == torch.float64) else 0,
+        state=state, state_code=code(state), ss=ss, x=x, x_code=code(x), xs=xs, dt=dt, dt_code=code(dt), dts=ds_,
+        A=A, A_code=code(A), As=As, B=B, B_code=code(B), bs=bs, C=C, C_code=code(C), cs=cs,
+        D=D, D_code=code(D), Ds=Ds or (), z=z, z_code=code(z), zs=zs or (),
+        dt_bias=dt_bias, dt_bias_code=code(dt_bias), dbs=dbs or (),
+        idx=idx, idx_code=0 if idx is None else _INDEX[idx.dtype], idx_s=0 if idx is None else idx.stride(0),
+        pad_slot_id=int(pad_slot_id), out=out, out_code=code(out),
+        os=os_ if out.dim() == 3 else (os_[0], 0, os_[1]),
+        dt_softplus=int(dt_softplus), decay_scale=float(decay_scale), num_threads=torch.get_num_threads())
 
 
 # Filled StateUpdateArgs per thread, keyed by everything except the data pointers: a decode loop
