@@ -281,8 +281,11 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
             raise _err("it is not differentiable (a decode step); use selective_scan / ssd_scan for training")
         if not isinstance(decay_scale, (int, float)) or isinstance(decay_scale, bool):
             raise TypeError(f"{OP}: decay_scale must be a float, got {type(decay_scale).__name__}")
-        _check_devices(state, (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                               ("dt_bias", dt_bias), ("state_batch_indices", state_batch_indices)))
+        if not (x.is_cpu and dt.is_cpu and A.is_cpu and B.is_cpu and C.is_cpu and (D is None or D.is_cpu)
+                and (z is None or z.is_cpu) and (dt_bias is None or dt_bias.is_cpu)
+                and (state_batch_indices is None or state_batch_indices.is_cpu)):
+            _check_devices(state, (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                                   ("dt_bias", dt_bias), ("state_batch_indices", state_batch_indices)))
         return _run_cpp(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id, dt_softplus,
                         decay_scale)
     if not isinstance(state, Tensor):
