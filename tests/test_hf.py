@@ -179,6 +179,9 @@ def test_state_norms_and_mitigations():
         assert float(ref_n[:, 8:].max()) > 2 * tau and float(n1.max()) < float(ref_n.max())
         pieces = _run_pieces(clipped, x, list(range(8, 20)))  # prefill of one chunk, then steps across a boundary
         torch.testing.assert_close(pieces, one, rtol=1e-4, atol=1e-4)
+        if patching._ssd_supports("seq_offset"):  # multi-token continuations across chunk boundaries too
+            pieces = _run_pieces(clipped, x, [5, 13, 14, 18])
+            torch.testing.assert_close(pieces, one, rtol=1e-4, atol=1e-4)
         # forgetting more shrinks the states
         forget = ckhf.patch(build("mamba2"), decay_scale=0.7, record_state_norms=True)
         forget(x[:, :13])

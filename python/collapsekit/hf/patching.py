@@ -182,8 +182,7 @@ def _mamba2_forward(self, hidden_states, cache=None, attention_mask=None, cache_
             start = _positions(cache, self.layer_idx, fresh, L)
             if start and _ssd_supports("seq_offset"):
                 kw["seq_offset"] = start
-            # TODO(lead, after merging ssd-cpu): without seq_offset a continuation with
-            # state_norm_max counts chunk boundaries from this call's start (docs/hf.md).
+            # (an ssd_scan without seq_offset would count chunk boundaries from this call's start)
         res = ck.ssd_scan(
             x.view(b, L, H, P), dt, A, B.view(b, L, G, N), C.view(b, L, G, N), chunk_size=self.chunk_size,
             D=self.D, dt_bias=self.dt_bias, initial_states=_saved(state), dt_softplus=True, dt_limit=(lo, hi),
