@@ -206,16 +206,18 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("chunk_size", &SsdArgs::chunk_size).def_readwrite("init", &SsdArgs::init)
       .def_readwrite("ckpt", &SsdArgs::ckpt).def_readwrite("pre_norms", &SsdArgs::pre_norms)
       .def_readwrite("path", &SsdArgs::path).def_readwrite("window", &SsdArgs::window)
-      .def_readwrite("num_threads", &SsdArgs::num_threads);
-  using s1 = void (*)(const SsdArgs&, uintptr_t, uintptr_t, uintptr_t);
+      .def_readwrite("num_threads", &SsdArgs::num_threads)
+      .def_readwrite("out", &SsdArgs::out).def_readwrite("final_state", &SsdArgs::final_state)
+      .def_readwrite("norms", &SsdArgs::norms).def_readwrite("dout", &SsdArgs::dout).def_readwrite("dos", &SsdArgs::dos)
+      .def_readwrite("dfinal", &SsdArgs::dfinal).def_readwrite("dx", &SsdArgs::dx).def_readwrite("dz", &SsdArgs::dz)
+      .def_readwrite("ddt", &SsdArgs::ddt).def_readwrite("dA", &SsdArgs::dA).def_readwrite("dB", &SsdArgs::dB)
+      .def_readwrite("dC", &SsdArgs::dC).def_readwrite("dD", &SsdArgs::dD).def_readwrite("dinit", &SsdArgs::dinit);
+  using s1 = void (*)(const SsdArgs&);
   m.def("ssd_scan_forward", static_cast<s1>(CK_DISPATCH512(ssd_scan_forward)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("args"), py::arg("out"), py::arg("final_state"), py::arg("norms"),
+        py::arg("args"),
         "SSD scan forward: out (b, l, h, p) contiguous in the feature dtype; optional final state, norms, checkpoints");
-  using s2 = void (*)(const SsdArgs&, uintptr_t, const std::vector<int64_t>&, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
-  m.def("ssd_scan_backward", static_cast<s2>(CK_DISPATCH512(ssd_scan_backward)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("args"), py::arg("dout"), py::arg("dout_strides"), py::arg("dfinal"), py::arg("dx"), py::arg("dz"),
-        py::arg("ddt"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"), py::arg("dinit"),
+  m.def("ssd_scan_backward", static_cast<s1>(CK_DISPATCH512(ssd_scan_backward)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"),
         "SSD scan backward from the forward's chunk checkpoints (per-head dB/dC, per-(b, h) dA/dD)");
   m.def("choose_ssd_path", &choose_ssd_path, py::arg("args"), py::arg("want_norms"),
         "the forward path 'auto' picks: 1 recurrent, 2 chunked (docs/ssd_scan.md)");
