@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "common.h"
@@ -19,6 +20,7 @@
 #include "etf_logits.h"
 #include "ssd_scan.h"
 #include "selective_scan.h"
+#include "state_update.h"
 
 namespace py = pybind11;
 using namespace collapsekit;
@@ -204,24 +206,142 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("chunk_size", &SsdArgs::chunk_size).def_readwrite("init", &SsdArgs::init)
       .def_readwrite("ckpt", &SsdArgs::ckpt).def_readwrite("pre_norms", &SsdArgs::pre_norms)
       .def_readwrite("path", &SsdArgs::path).def_readwrite("window", &SsdArgs::window)
-      .def_readwrite("num_threads", &SsdArgs::num_threads);
-  using s1 = void (*)(const SsdArgs&, uintptr_t, uintptr_t, uintptr_t);
+      .def_readwrite("num_threads", &SsdArgs::num_threads)
+      .def_readwrite("out", &SsdArgs::out).def_readwrite("final_state", &SsdArgs::final_state)
+      .def_readwrite("norms", &SsdArgs::norms).def_readwrite("dout", &SsdArgs::dout).def_readwrite("dos", &SsdArgs::dos)
+      .def_readwrite("dfinal", &SsdArgs::dfinal).def_readwrite("dx", &SsdArgs::dx).def_readwrite("dz", &SsdArgs::dz)
+      .def_readwrite("ddt", &SsdArgs::ddt).def_readwrite("dA", &SsdArgs::dA).def_readwrite("dB", &SsdArgs::dB)
+      .def_readwrite("dC", &SsdArgs::dC).def_readwrite("dD", &SsdArgs::dD).def_readwrite("dinit", &SsdArgs::dinit);
+  using s1 = void (*)(const SsdArgs&);
   m.def("ssd_scan_forward", static_cast<s1>(CK_DISPATCH512(ssd_scan_forward)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("args"), py::arg("out"), py::arg("final_state"), py::arg("norms"),
+        py::arg("args"),
         "SSD scan forward: out (b, l, h, p) contiguous in the feature dtype; optional final state, norms, checkpoints");
-  using s2 = void (*)(const SsdArgs&, uintptr_t, const std::vector<int64_t>&, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
-  m.def("ssd_scan_backward", static_cast<s2>(CK_DISPATCH512(ssd_scan_backward)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("args"), py::arg("dout"), py::arg("dout_strides"), py::arg("dfinal"), py::arg("dx"), py::arg("dz"),
-        py::arg("ddt"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"), py::arg("dinit"),
+  m.def("ssd_scan_backward", static_cast<s1>(CK_DISPATCH512(ssd_scan_backward)), py::call_guard<py::gil_scoped_release>(),
+        py::arg("args"),
         "SSD scan backward from the forward's chunk checkpoints (per-head dB/dC, per-(b, h) dA/dD)");
   m.def("choose_ssd_path", &choose_ssd_path, py::arg("args"), py::arg("want_norms"),
         "the forward path 'auto' picks: 1 recurrent, 2 chunked (docs/ssd_scan.md)");
-  using s = void (*)(std::vector<int64_t>);
+  py::class_<SelectiveScanArgs>(m, "SelectiveScanArgs", "arguments of the selective-scan kernels (see csrc/selective_scan.h)")
+      .def(py::init([] { SelectiveScanArgs a; std::memset(&a, 0, sizeof(a)); return a; }))
+      .def_readwrite("batch", &SelectiveScanArgs::batch)
+      .def_readwrite("dim", &SelectiveScanArgs::dim)
+      .def_readwrite("L", &SelectiveScanArgs::L)
+      .def_readwrite("N", &SelectiveScanArgs::N)
+      .def_readwrite("b_mode", &SelectiveScanArgs::b_mode)
+      .def_readwrite("b_groups", &SelectiveScanArgs::b_groups)
+      .def_readwrite("c_mode", &SelectiveScanArgs::c_mode)
+      .def_readwrite("c_groups", &SelectiveScanArgs::c_groups)
+      .def_readwrite("softplus", &SelectiveScanArgs::softplus)
+      .def_readwrite("chunk", &SelectiveScanArgs::chunk)
+      .def_readwrite("acc_code", &SelectiveScanArgs::acc_code)
+      .def_readwrite("num_threads", &SelectiveScanArgs::num_threads)
+      .def_readwrite("u", &SelectiveScanArgs::u)
+      .def_readwrite("u_code", &SelectiveScanArgs::u_code)
+      .def_readwrite("u_s0", &SelectiveScanArgs::u_s0)
+      .def_readwrite("u_s1", &SelectiveScanArgs::u_s1)
+      .def_readwrite("u_s2", &SelectiveScanArgs::u_s2)
+      .def_readwrite("delta", &SelectiveScanArgs::delta)
+      .def_readwrite("delta_code", &SelectiveScanArgs::delta_code)
+      .def_readwrite("delta_s0", &SelectiveScanArgs::delta_s0)
+      .def_readwrite("delta_s1", &SelectiveScanArgs::delta_s1)
+      .def_readwrite("delta_s2", &SelectiveScanArgs::delta_s2)
+      .def_readwrite("z", &SelectiveScanArgs::z)
+      .def_readwrite("z_code", &SelectiveScanArgs::z_code)
+      .def_readwrite("z_s0", &SelectiveScanArgs::z_s0)
+      .def_readwrite("z_s1", &SelectiveScanArgs::z_s1)
+      .def_readwrite("z_s2", &SelectiveScanArgs::z_s2)
+      .def_readwrite("B", &SelectiveScanArgs::B)
+      .def_readwrite("B_code", &SelectiveScanArgs::B_code)
+      .def_readwrite("B_s0", &SelectiveScanArgs::B_s0)
+      .def_readwrite("B_s1", &SelectiveScanArgs::B_s1)
+      .def_readwrite("B_s2", &SelectiveScanArgs::B_s2)
+      .def_readwrite("B_s3", &SelectiveScanArgs::B_s3)
+      .def_readwrite("C", &SelectiveScanArgs::C)
+      .def_readwrite("C_code", &SelectiveScanArgs::C_code)
+      .def_readwrite("C_s0", &SelectiveScanArgs::C_s0)
+      .def_readwrite("C_s1", &SelectiveScanArgs::C_s1)
+      .def_readwrite("C_s2", &SelectiveScanArgs::C_s2)
+      .def_readwrite("C_s3", &SelectiveScanArgs::C_s3)
+      .def_readwrite("A", &SelectiveScanArgs::A)
+      .def_readwrite("D", &SelectiveScanArgs::D)
+      .def_readwrite("bias", &SelectiveScanArgs::bias)
+      .def_readwrite("init", &SelectiveScanArgs::init)
+      .def_readwrite("out", &SelectiveScanArgs::out)
+      .def_readwrite("last", &SelectiveScanArgs::last)
+      .def_readwrite("norms", &SelectiveScanArgs::norms)
+      .def_readwrite("ckpt", &SelectiveScanArgs::ckpt)
+      .def_readwrite("gout", &SelectiveScanArgs::gout)
+      .def_readwrite("gout_code", &SelectiveScanArgs::gout_code)
+      .def_readwrite("gout_s0", &SelectiveScanArgs::gout_s0)
+      .def_readwrite("gout_s1", &SelectiveScanArgs::gout_s1)
+      .def_readwrite("gout_s2", &SelectiveScanArgs::gout_s2)
+      .def_readwrite("glast", &SelectiveScanArgs::glast)
+      .def_readwrite("gnorms", &SelectiveScanArgs::gnorms)
+      .def_readwrite("gu", &SelectiveScanArgs::gu)
+      .def_readwrite("gdelta", &SelectiveScanArgs::gdelta)
+      .def_readwrite("gz", &SelectiveScanArgs::gz)
+      .def_readwrite("gA", &SelectiveScanArgs::gA)
+      .def_readwrite("gB", &SelectiveScanArgs::gB)
+      .def_readwrite("gC", &SelectiveScanArgs::gC)
+      .def_readwrite("gD", &SelectiveScanArgs::gD)
+      .def_readwrite("ginit", &SelectiveScanArgs::ginit)
+      .def_readwrite("gbias", &SelectiveScanArgs::gbias)
+      .def_readwrite("seq_idx", &SelectiveScanArgs::seq_idx)
+      .def_readwrite("seq_s0", &SelectiveScanArgs::seq_s0)
+      .def_readwrite("seq_s1", &SelectiveScanArgs::seq_s1);
+  using s = void (*)(const SelectiveScanArgs&);
   m.def("selective_scan_fwd", static_cast<s>(CK_DISPATCH(selective_scan_fwd)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("args"),
-        "Mamba-1 selective scan forward; args: the flat int64 list of SelectiveScanArgs (csrc/selective_scan.h)");
+        py::arg("args"), "Mamba-1 selective scan forward (SelectiveScanArgs, csrc/selective_scan.h)");
   m.def("selective_scan_bwd", static_cast<s>(CK_DISPATCH(selective_scan_bwd)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("args"),
-        "Mamba-1 selective scan backward from checkpoints; args as selective_scan_fwd");
+        py::arg("args"), "Mamba-1 selective scan backward from checkpoints; args as selective_scan_fwd");
+  py::class_<StateUpdateArgs>(m, "StateUpdateArgs", "arguments of the decode-step kernel (see csrc/state_update.h)")
+      .def(py::init<>())
+      .def_readwrite("b", &StateUpdateArgs::b)
+      .def_readwrite("h", &StateUpdateArgs::h)
+      .def_readwrite("p", &StateUpdateArgs::p)
+      .def_readwrite("n", &StateUpdateArgs::n)
+      .def_readwrite("g", &StateUpdateArgs::g)
+      .def_readwrite("rows", &StateUpdateArgs::rows)
+      .def_readwrite("acc", &StateUpdateArgs::acc)
+      .def_readwrite("state", &StateUpdateArgs::state)
+      .def_readwrite("state_code", &StateUpdateArgs::state_code)
+      .def_readwrite("ss", &StateUpdateArgs::ss)
+      .def_readwrite("x", &StateUpdateArgs::x)
+      .def_readwrite("x_code", &StateUpdateArgs::x_code)
+      .def_readwrite("xs", &StateUpdateArgs::xs)
+      .def_readwrite("dt", &StateUpdateArgs::dt)
+      .def_readwrite("dt_code", &StateUpdateArgs::dt_code)
+      .def_readwrite("dts", &StateUpdateArgs::dts)
+      .def_readwrite("A", &StateUpdateArgs::A)
+      .def_readwrite("A_code", &StateUpdateArgs::A_code)
+      .def_readwrite("As", &StateUpdateArgs::As)
+      .def_readwrite("B", &StateUpdateArgs::B)
+      .def_readwrite("B_code", &StateUpdateArgs::B_code)
+      .def_readwrite("bs", &StateUpdateArgs::bs)
+      .def_readwrite("C", &StateUpdateArgs::C)
+      .def_readwrite("C_code", &StateUpdateArgs::C_code)
+      .def_readwrite("cs", &StateUpdateArgs::cs)
+      .def_readwrite("D", &StateUpdateArgs::D)
+      .def_readwrite("D_code", &StateUpdateArgs::D_code)
+      .def_readwrite("Ds", &StateUpdateArgs::Ds)
+      .def_readwrite("z", &StateUpdateArgs::z)
+      .def_readwrite("z_code", &StateUpdateArgs::z_code)
+      .def_readwrite("zs", &StateUpdateArgs::zs)
+      .def_readwrite("dt_bias", &StateUpdateArgs::dt_bias)
+      .def_readwrite("dt_bias_code", &StateUpdateArgs::dt_bias_code)
+      .def_readwrite("dbs", &StateUpdateArgs::dbs)
+      .def_readwrite("idx", &StateUpdateArgs::idx)
+      .def_readwrite("idx_code", &StateUpdateArgs::idx_code)
+      .def_readwrite("idx_s", &StateUpdateArgs::idx_s)
+      .def_readwrite("pad_slot_id", &StateUpdateArgs::pad_slot_id)
+      .def_readwrite("out", &StateUpdateArgs::out)
+      .def_readwrite("out_code", &StateUpdateArgs::out_code)
+      .def_readwrite("os", &StateUpdateArgs::os)
+      .def_readwrite("dt_softplus", &StateUpdateArgs::dt_softplus)
+      .def_readwrite("decay_scale", &StateUpdateArgs::decay_scale)
+      .def_readwrite("num_threads", &StateUpdateArgs::num_threads);
+  using su = void (*)(const StateUpdateArgs&);
+  m.def("selective_state_update", static_cast<su>(CK_DISPATCH(selective_state_update)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
+        "one decode step of a Mamba-1/Mamba-2 state, in place (out written in its own dtype)");
 }

@@ -293,6 +293,15 @@ void load_varying(int64_t ptr, int64_t code, int64_t s0, int64_t s1, int64_t s2,
   for (int64_t n = 0; n < N; ++n) load_seq(ptr, code, b * s0 + g * s1 + n * s2 + t0 * s3, s3, T, buf + n, N);
 }
 
+// rb[t] = 1 where the state resets before step t0 + t (seq_idx changes there), else 0.
+inline void load_resets(const SelectiveScanArgs& a, int64_t b, int64_t t0, int64_t T, unsigned char* rb) {
+  const int32_t* s = reinterpret_cast<const int32_t*>(a.seq_idx) + b * a.seq_s0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t u = t0 + t;
+    rb[t] = u > 0 && s[u * a.seq_s1] != s[(u - 1) * a.seq_s1];
+  }
+}
+
 // dt = softplus(delta + bias) or delta + bias, in place over a [T][CB] buffer; pre keeps delta + bias.
 template <typename Acc>
 void make_dt(Acc* db, Acc* pre, const Acc* bv, int64_t T, bool sp) {
@@ -348,6 +357,7 @@ void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
     Acc* Bt = nb + K * CB;
     Acc* Ct = Bt + K * N;
     alignas(64) Acc Dv[CB], bv[CB];
+    std::vector<unsigned char> rb(static_cast<size_t>(K));
     using V = Vec<Acc>;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
@@ -368,7 +378,9 @@ void scan_forward(const SelectiveScanArgs& a, const Geometry& g) {
         if (a.z) load_chunk(a.z, a.z_code, a.z_s0, a.z_s1, a.z_s2, k, t0, T, zb);
         if (VB) load_varying(a.B, a.B_code, a.B_s0, a.B_s1, a.B_s2, a.B_s3, k.b, k.gb, N, t0, T, Bt);
         if (VC) load_varying(a.C, a.C_code, a.C_s0, a.C_s1, a.C_s2, a.C_s3, k.b, k.gc, N, t0, T, Ct);
+        if (a.seq_idx) load_resets(a, k.b, t0, T, rb.data());
         for (int64_t t = 0; t < T; ++t) {
+          if (a.seq_idx && rb[t]) std::fill(x, x + N * CB, Acc(0));  // a new sequence starts at this step
           const V dtv = vload(db + t * CB), uv = vload(ub + t * CB), du = dtv * uv;
           V y = splat(Acc(0)), s2 = y;
           for (int64_t n = 0; n < N; ++n) {
@@ -451,6 +463,7 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
     Acc* Bt = gzb + K * CB + K * CB;
     Acc* Ct = Bt + K * N;
     alignas(64) Acc Dv[CB], bv[CB];
+    std::vector<unsigned char> rb(static_cast<size_t>(K));
     using V = Vec<Acc>;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
@@ -473,14 +486,16 @@ void scan_backward(const SelectiveScanArgs& a, const Geometry& g) {
         if (GN) load_chunk(reinterpret_cast<int64_t>(gnorms), a.acc_code, a.dim * L, L, 1, k, t0, T, gnb);
         if (VB) load_varying(a.B, a.B_code, a.B_s0, a.B_s1, a.B_s2, a.B_s3, k.b, k.gb, N, t0, T, Bt);
         if (VC) load_varying(a.C, a.C_code, a.C_s0, a.C_s1, a.C_s2, a.C_s3, k.b, k.gc, N, t0, T, Ct);
+        if (a.seq_idx) load_resets(a, k.b, t0, T, rb.data());
         // recompute the chunk's states from its checkpoint
         std::fill(xs, xs + NC, Acc(0));
         for (int64_t c = 0; c < k.nc; ++c)
           for (int64_t n = 0; n < N; ++n) xs[n * CB + c] = ckpt[((k.b * a.dim + k.d0 + c) * g.nck + ci) * N + n];
         for (int64_t t = 0; t < T; ++t) {
           const V dtv = vload(db + t * CB), du = dtv * vload(ub + t * CB);
+          const bool reset = a.seq_idx && rb[t];  // decay 0 at a reset: no state, no gradient flows back
           for (int64_t n = 0; n < N; ++n) {
-            const V av = vexp(dtv * vload(Ab + n * CB));
+            const V av = reset ? splat(Acc(0)) : vexp(dtv * vload(Ab + n * CB));
             vstore(as + t * NC + n * CB, av);
             const V bv_ = VB ? splat(Bt[t * N + n]) : vload(Bc + n * CB);
             vstore(xs + (t + 1) * NC + n * CB, av * vload(xs + t * NC + n * CB) + du * bv_);
@@ -585,16 +600,6 @@ void dispatch(const SelectiveScanArgs& a, bool flag, Fn&& fn) {
   else with_acc(float{});
 }
 
-SelectiveScanArgs unpack(const std::vector<int64_t>& v, const char* fn) {
-  SelectiveScanArgs a;
-  if (v.size() * sizeof(int64_t) != sizeof(a))
-    throw std::invalid_argument(std::string("collapsekit._C.") + fn + ": expected " +
-                                std::to_string(sizeof(a) / sizeof(int64_t)) + " arguments, got " +
-                                std::to_string(v.size()));
-  std::memcpy(&a, v.data(), sizeof(a));
-  return a;
-}
-
 struct Forward {
   const SelectiveScanArgs& a;
   const Geometry& g;
@@ -608,15 +613,13 @@ struct Backward {
 
 }  // namespace
 
-void selective_scan_fwd(const std::vector<int64_t>& args) {
-  const SelectiveScanArgs a = unpack(args, "selective_scan_fwd");
+void selective_scan_fwd(const SelectiveScanArgs& a) {
   const Geometry g = geometry(a, "selective_scan_fwd");
   if (!a.out || !a.last) throw std::invalid_argument("collapsekit._C.selective_scan_fwd: missing output pointer");
   dispatch(a, a.norms != 0, Forward{a, g});
 }
 
-void selective_scan_bwd(const std::vector<int64_t>& args) {
-  const SelectiveScanArgs a = unpack(args, "selective_scan_bwd");
+void selective_scan_bwd(const SelectiveScanArgs& a) {
   const Geometry g = geometry(a, "selective_scan_bwd");
   if (!a.ckpt || !a.gout || !a.gu || !a.gdelta || !a.gA || !a.gB || !a.gC || !a.gD || !a.ginit || !a.gbias || (a.z && !a.gz))
     throw std::invalid_argument("collapsekit._C.selective_scan_bwd: missing pointer");

@@ -4,9 +4,9 @@
 
 namespace collapsekit {
 
-// Arguments of the selective-scan kernels: a flat list of int64 (data pointers as integers,
-// sizes, strides in elements, dtype codes), filled by python/collapsekit/ops/selective_scan.py in
-// exactly this field order (_ARG_FIELDS there). 0 for an absent pointer.
+// Arguments of the selective-scan kernels (a named pybind struct, _C.SelectiveScanArgs): data
+// pointers as integers, sizes, strides in elements, dtype codes; filled by one helper in
+// python/collapsekit/ops/selective_scan.py (_args). 0 for an absent pointer.
 struct SelectiveScanArgs {
   int64_t batch, dim, L, N;
   int64_t b_mode, b_groups, c_mode, c_groups;  // mode 0: (dim, N) constant; 1: (batch, G, N, L)
@@ -20,11 +20,12 @@ struct SelectiveScanArgs {
   int64_t out, last, norms, ckpt;              // forward outputs (acc dtype, contiguous)
   int64_t gout, gout_code, gout_s0, gout_s1, gout_s2, glast, gnorms;  // backward inputs
   int64_t gu, gdelta, gz, gA, gB, gC, gD, ginit, gbias;               // backward outputs
+  int64_t seq_idx, seq_s0, seq_s1;  // (batch, L) int32 or 0: the state resets to 0 where it changes
 };
 
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { \
-void selective_scan_fwd(const std::vector<int64_t>& args); \
-void selective_scan_bwd(const std::vector<int64_t>& args); }
+void selective_scan_fwd(const SelectiveScanArgs& a); \
+void selective_scan_bwd(const SelectiveScanArgs& a); }
 COLLAPSEKIT_DECLARE_ISA(base)
 COLLAPSEKIT_DECLARE_ISA(avx2)
 #undef COLLAPSEKIT_DECLARE_ISA

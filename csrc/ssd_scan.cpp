@@ -990,7 +990,7 @@ void check(const SsdArgs& a, const char* fn) {
 
 }  // namespace
 
-void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, uintptr_t norms) {
+static void forward_impl(const SsdArgs& a, uintptr_t out, uintptr_t final_state, uintptr_t norms) {
   check(a, "ssd_scan_forward");
   const int nt = clamp_threads(a.num_threads);
   dispatch_float(a.dtype, [&](auto t_tag, auto acc_tag) {
@@ -1027,9 +1027,9 @@ void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, ui
   });
 }
 
-void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64_t>& dos, uintptr_t dfinal,
-                       uintptr_t dx, uintptr_t dz, uintptr_t ddt, uintptr_t dA, uintptr_t dB, uintptr_t dC,
-                       uintptr_t dD, uintptr_t dinit) {
+static void backward_impl(const SsdArgs& a, uintptr_t dout, const std::vector<int64_t>& dos, uintptr_t dfinal,
+                          uintptr_t dx, uintptr_t dz, uintptr_t ddt, uintptr_t dA, uintptr_t dB, uintptr_t dC,
+                          uintptr_t dD, uintptr_t dinit) {
   check(a, "ssd_scan_backward");
   if (!a.ckpt || dos.size() != 4 || (a.state_norm_max > 0 && !a.pre_norms))
     throw std::invalid_argument("collapsekit._C.ssd_scan_backward: checkpoints and dout strides are required");
@@ -1068,6 +1068,13 @@ void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64
                      reinterpret_cast<Acc*>(dC), reinterpret_cast<Acc*>(dD), reinterpret_cast<Acc*>(dinit), work);
     }
   });
+}
+
+// The entry points take every pointer from the one argument struct (docs/adding-an-op.md).
+void ssd_scan_forward(const SsdArgs& a) { forward_impl(a, a.out, a.final_state, a.norms); }
+
+void ssd_scan_backward(const SsdArgs& a) {
+  backward_impl(a, a.dout, a.dos, a.dfinal, a.dx, a.dz, a.ddt, a.dA, a.dB, a.dC, a.dD, a.dinit);
 }
 
 }  // namespace COLLAPSEKIT_ISA

@@ -27,6 +27,19 @@ struct SsdArgs {
   int path = 0;                              // forward: 0 auto (choose_ssd_path), 1 recurrent, 2 chunked
   int64_t window = 0;                        // > 0: the windowed recurrence (forward only; no init/τ)
   int num_threads;
+  // forward outputs
+  uintptr_t out = 0;                         // (b, l, h, p) contiguous, feature dtype
+  uintptr_t final_state = 0;                 // (b, h, p, n) or 0
+  uintptr_t norms = 0;                       // (b, l, h) or 0
+  // backward: the incoming gradients and the gradient outputs (0 where not wanted)
+  uintptr_t dout = 0; std::vector<int64_t> dos;  // (b, l, h, p), feature dtype, strides
+  uintptr_t dfinal = 0;                      // (b, h, p, n) or 0
+  uintptr_t dx = 0, dz = 0;                  // (b, l, h, p), feature dtype
+  uintptr_t ddt = 0;                         // (b, l, h)
+  uintptr_t dA = 0;                          // (b, h): per batch row, summed in Python
+  uintptr_t dB = 0, dC = 0;                  // (b, l, h, n): per head, summed over a group in Python
+  uintptr_t dD = 0;                          // (b, h, p) or 0
+  uintptr_t dinit = 0;                       // (b, h, p, n)
 };
 
 // Forward algorithm for these arguments (1 recurrent, 2 chunked): the measured rule of
@@ -36,10 +49,8 @@ int choose_ssd_path(const SsdArgs& a, bool want_norms);
 // One definition per instruction-set build (namespaces base, avx2, avx512); bindings.cpp picks at
 // run time.
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { \
-void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, uintptr_t norms); \
-void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64_t>& dos, uintptr_t dfinal, \
-                       uintptr_t dx, uintptr_t dz, uintptr_t ddt, uintptr_t dA, uintptr_t dB, uintptr_t dC, \
-                       uintptr_t dD, uintptr_t dinit); }
+void ssd_scan_forward(const SsdArgs& a); \
+void ssd_scan_backward(const SsdArgs& a); }
 COLLAPSEKIT_DECLARE_ISA(base)
 COLLAPSEKIT_DECLARE_ISA(avx2)
 COLLAPSEKIT_DECLARE_ISA(avx512)

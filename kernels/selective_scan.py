@@ -30,12 +30,12 @@ def _softplus(v):
 
 @triton.jit
 def selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, init_ptr,
+    u_ptr, delta_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, init_ptr, seq_ptr,
     out_ptr, last_ptr, norms_ptr, ckpt_ptr,
     dim, L, N, dpg_b, dpg_c, nck, chunk,
     su0, su1, su2, sd0, sd1, sd2, sz0, sz1, sz2,
-    sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3,
-    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+    sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sq0, sq1,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     SOFTPLUS: tl.constexpr, NORMS: tl.constexpr, CKPT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -69,7 +69,13 @@ def selective_scan_fwd_kernel(
                 dt = _softplus(dt)
             Bt = tl.load(B_ptr + boff + t * sb3, mask=m2, other=0.0).to(ACC)
             Ct = tl.load(C_ptr + coff + t * sc3, mask=m2, other=0.0).to(ACC)
-            x = tl.exp(dt[:, None] * A) * x + (dt * uv)[:, None] * Bt
+            decay = tl.exp(dt[:, None] * A)
+            if HAS_SEQ:  # a new packed sequence starts at t: the state resets
+                if t > 0:
+                    cur = tl.load(seq_ptr + b * sq0 + t * sq1)
+                    prev = tl.load(seq_ptr + b * sq0 + (t - 1) * sq1)
+                    x = tl.where(cur != prev, 0.0, x)
+            x = decay * x + (dt * uv)[:, None] * Bt
             y = tl.sum(x * Ct, axis=1) + Dv * uv
             if HAS_Z:
                 zv = tl.load(z_ptr + b * sz0 + d * sz1 + t * sz2, mask=dm, other=0.0).to(ACC)
@@ -82,13 +88,13 @@ def selective_scan_fwd_kernel(
 
 @triton.jit
 def selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, ckpt_ptr,
+    u_ptr, delta_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, ckpt_ptr, seq_ptr,
     gout_ptr, glast_ptr, gnorms_ptr, xs_ptr,
     gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, ginit_ptr,
     dim, L, N, dpg_b, dpg_c, g_b, g_c, nck, chunk, n_dblk,
     su0, su1, su2, sd0, sd1, sd2, sz0, sz1, sz2,
-    sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sg0, sg1, sg2,
-    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sg0, sg1, sg2, sq0, sq1,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_GLAST: tl.constexpr, HAS_GNORMS: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
     ONE_GROUP_B: tl.constexpr, ONE_GROUP_C: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -137,7 +143,13 @@ def selective_scan_bwd_kernel(
             if SOFTPLUS:
                 dt = _softplus(dt)
             Bt = tl.load(B_ptr + boff + t * sb3, mask=m2, other=0.0).to(ACC)
-            x = tl.exp(dt[:, None] * A) * x + (dt * uv)[:, None] * Bt
+            decay = tl.exp(dt[:, None] * A)
+            if HAS_SEQ:
+                if t > 0:
+                    cur = tl.load(seq_ptr + b * sq0 + t * sq1)
+                    prev = tl.load(seq_ptr + b * sq0 + (t - 1) * sq1)
+                    decay = tl.where(cur != prev, 0.0, decay)
+            x = decay * x + (dt * uv)[:, None] * Bt
             tl.store(slab + (t - t0 + 1) * (BLOCK_D * BLOCK_N) + tile, x)
         tl.debug_barrier()
         for tr in range(0, t1 - t0):
@@ -167,6 +179,11 @@ def selective_scan_bwd_kernel(
                 sc = tl.where(s > 0, gn / tl.where(s > 0, s, 1.0), 0.0)
                 hv += sc[:, None] * xt
             a = tl.exp(dt[:, None] * A)
+            if HAS_SEQ:  # decay 0 at a reset: no gradient flows into the previous sequence
+                if t > 0:
+                    cur = tl.load(seq_ptr + b * sq0 + t * sq1)
+                    prev = tl.load(seq_ptr + b * sq0 + (t - 1) * sq1)
+                    a = tl.where(cur != prev, 0.0, a)
             ga = hv * xp * a
             hb = tl.sum(hv * Bt, axis=1)
             gdt = tl.sum(ga * A, axis=1) + hb * uv
@@ -231,7 +248,7 @@ def _acc(A):
     return tl.float64 if A.dtype == torch.float64 else tl.float32
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk, out, last, norms, ckpt):
+def forward(u, delta, A, B, C, D, z, delta_bias, init, seq_idx, softplus, chunk, out, last, norms, ckpt):
     batch, dim, L = u.shape
     n = A.shape[1]
     bd, bn, nw = _blocks(u, dim, n)
@@ -243,15 +260,17 @@ def forward(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk, out, las
     wrap_triton(selective_scan_fwd_kernel)[(batch, triton.cdiv(dim, bd))](
         u, delta, z if z is not None else dummy, A, B, C, D if D is not None else dummy,
         delta_bias if delta_bias is not None else dummy, init if init is not None else dummy,
+        seq_idx if seq_idx is not None else dummy,
         out, last, norms if norms.numel() else dummy, ckpt if ckpt.numel() else dummy,
         dim, L, n, dpg_b, dpg_c, nck, chunk,
-        *u.stride(), *delta.stride(), *zs, *sb, *sc,
+        *u.stride(), *delta.stride(), *zs, *sb, *sc, *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=init is not None,
+        HAS_SEQ=seq_idx is not None,
         SOFTPLUS=bool(softplus), NORMS=norms.numel() > 0, CKPT=ckpt.numel() > 0, ACC=_acc(A),
         BLOCK_D=bd, BLOCK_N=bn, num_warps=nw)
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, softplus, chunk):
+def backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, gout, glast, gnorms, softplus, chunk):
     batch, dim, L = u.shape
     n = A.shape[1]
     acc = A.dtype
@@ -271,12 +290,14 @@ def backward(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, sof
     zs = z.stride() if z is not None else (0, 0, 0)
     wrap_triton(selective_scan_bwd_kernel)[(batch, n_dblk)](
         u, delta, z if z is not None else dummy, A, B, C, D if D is not None else dummy,
-        delta_bias if delta_bias is not None else dummy, ckpt,
+        delta_bias if delta_bias is not None else dummy, ckpt, seq_idx if seq_idx is not None else dummy,
         gout, glast if glast is not None else dummy, gnorms if gnorms is not None else dummy, xs,
         gu, gdelta, gz if z is not None else dummy, gA, gB, gC, gD, ginit,
         dim, L, n, dpg_b, dpg_c, g_b, g_c, nck, chunk, n_dblk,
         *u.stride(), *delta.stride(), *zs, *sb, *sc, *gout.stride(),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        HAS_SEQ=seq_idx is not None,
         HAS_GLAST=glast is not None, HAS_GNORMS=gnorms is not None, VAR_B=B.dim() == 4, VAR_C=C.dim() == 4,
         ONE_GROUP_B=B.dim() == 4 and dpg_b % bd == 0, ONE_GROUP_C=C.dim() == 4 and dpg_c % bd == 0,
         ACC=_acc(A), BLOCK_D=bd, BLOCK_N=bn, num_warps=nw)

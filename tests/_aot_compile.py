@@ -16,6 +16,7 @@ except ImportError:
     sys.exit(3)
 
 from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, selective_scan, ssd_scan, within_class
+from collapsekit.kernels import state_update
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -23,7 +24,7 @@ DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl
 
 def compile_for(fn, pointers, ints, consts, target):
     sig = {**pointers, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
-    for name in ("inv_k1", "alpha"):
+    for name in ("inv_k1", "alpha", "decay_scale"):
         if name in fn.arg_names:
             sig[name] = "fp64" if name == "inv_k1" else "fp32"
     sig = {k: sig[k] for k in fn.arg_names}
@@ -153,6 +154,8 @@ def selective_scan_cases():
     ints_fwd = ["dim", "L", "N", "dpg_b", "dpg_c", "nck", "chunk", "su0", "su1", "su2", "sd0", "sd1", "sd2",
                 "sz0", "sz1", "sz2", "sb0", "sb1", "sb2", "sb3", "sc0", "sc1", "sc2", "sc3"]
     ints_bwd = ints_fwd[:5] + ["g_b", "g_c", "nck", "chunk", "n_dblk"] + ints_fwd[7:] + ["sg0", "sg1", "sg2"]
+    ints_fwd = ints_fwd + ["sq0", "sq1"]
+    ints_bwd = ints_bwd + ["sq0", "sq1"]
     elems, _nw = selective_scan.TILES["scan"]
     for x, n_state in [("bf16", 16), ("fp16", 16), ("fp32", 16), ("fp64", 16), ("fp32", 256)]:  # N=256: the largest tile
         acc = "fp64" if x == "fp64" else "fp32"
@@ -163,11 +166,11 @@ def selective_scan_cases():
             mat = lambda var: f"*{x}" if var else "*fp32"
             fwd_ptrs = {"u_ptr": f"*{x}", "delta_ptr": f"*{x}", "z_ptr": f"*{x}", "A_ptr": a, "B_ptr": mat(var_b),
                         "C_ptr": mat(var_c), "D_ptr": a, "bias_ptr": a, "init_ptr": a, "out_ptr": a, "last_ptr": a,
-                        "norms_ptr": a, "ckpt_ptr": a}
+                        "norms_ptr": a, "ckpt_ptr": a, "seq_ptr": "*i32"}
             yield f"selective_scan.fwd[{x}, N={n_state}, varB={var_b}, varC={var_c}, flags={flags}]", \
                 selective_scan.selective_scan_fwd_kernel, fwd_ptrs, ints_fwd, \
                 {"HAS_Z": flags, "HAS_D": flags, "HAS_BIAS": flags, "HAS_INIT": flags, "SOFTPLUS": flags,
-                 "NORMS": flags, "CKPT": True, "ACC": DTYPES[acc], "BLOCK_D": bd, "BLOCK_N": bn}
+                 "HAS_SEQ": flags, "NORMS": flags, "CKPT": True, "ACC": DTYPES[acc], "BLOCK_D": bd, "BLOCK_N": bn}
             bwd_ptrs = {k: v for k, v in fwd_ptrs.items() if k not in ("init_ptr", "out_ptr", "last_ptr", "norms_ptr")}
             bwd_ptrs.update({"gout_ptr": a, "glast_ptr": a, "gnorms_ptr": a, "xs_ptr": a, "gu_ptr": a,
                              "gdelta_ptr": a, "gz_ptr": a, "gA_ptr": a, "gB_ptr": a, "gC_ptr": a, "gD_ptr": a,
@@ -175,9 +178,25 @@ def selective_scan_cases():
             for one_group in ([True, False] if (var_b or var_c) else [False]):
                 yield f"selective_scan.bwd[{x}, N={n_state}, varB={var_b}, varC={var_c}, flags={flags}, " \
                       f"one_group={one_group}]", selective_scan.selective_scan_bwd_kernel, bwd_ptrs, ints_bwd, \
-                    {"HAS_Z": flags, "HAS_D": flags, "HAS_BIAS": flags, "SOFTPLUS": flags, "HAS_GLAST": flags,
+                    {"HAS_Z": flags, "HAS_D": flags, "HAS_BIAS": flags, "SOFTPLUS": flags, "HAS_SEQ": flags,
+                     "HAS_GLAST": flags,
                      "HAS_GNORMS": flags, "VAR_B": var_b, "VAR_C": var_c, "ONE_GROUP_B": var_b and one_group,
                      "ONE_GROUP_C": var_c and one_group, "ACC": DTYPES[acc], "BLOCK_D": bd, "BLOCK_N": bn}
+
+
+def state_update_cases():
+    """The decode step: each state / input dtype, with and without the optional inputs."""
+    ints = ["h", "P", "N", "hpg", "rows", "pad_slot_id", "ss0", "ss1", "ss2", "ss3", "xs0", "xs1", "xs2", "ds0",
+            "ds1", "ds2", "as0", "as1", "as2", "bs0", "bs1", "bs2", "cs0", "cs1", "cs2", "Ds0", "Ds1", "zs0", "zs1",
+            "zs2", "bis0", "bis1", "idx_s", "os0", "os1", "os2"]
+    for x, flags in itertools.product(["bf16", "fp16", "fp32", "fp64"], [False, True]):
+        acc = "fp64" if x == "fp64" else "fp32"
+        ptrs = {"state_ptr": f"*{x}", "x_ptr": f"*{x}", "dt_ptr": f"*{x}", "A_ptr": "*fp32", "B_ptr": f"*{x}",
+                "C_ptr": f"*{x}", "D_ptr": "*fp32", "z_ptr": f"*{x}", "bias_ptr": "*fp32", "idx_ptr": "*i64",
+                "out_ptr": f"*{x}"}
+        yield f"state_update[{x}, flags={flags}]", state_update.state_update_kernel, ptrs, ints, \
+            {"HAS_D": flags, "HAS_Z": flags, "HAS_BIAS": flags, "HAS_IDX": flags, "SOFTPLUS": flags,
+             "ACC": DTYPES[acc], "BLOCK_P": 32, "BLOCK_N": 128}
 
 
 def main():
@@ -185,7 +204,8 @@ def main():
     count = 0
     for target in TARGETS:
         for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases(),
-                                                          etf_logits_cases(), ssd_scan_cases(), selective_scan_cases()):
+                                                          etf_logits_cases(), ssd_scan_cases(), selective_scan_cases(),
+                                                          state_update_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)

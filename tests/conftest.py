@@ -35,9 +35,9 @@ def assert_close(actual, expected, dtype, scale=1.0):
     extra growth of rounding error in long reductions: about √m for a sum of m terms of mixed sign
     (fp32 accumulation), given by the caller where the reduction is long."""
     tol = TOL[dtype]
-    e = expected.double().cpu()
+    e = expected.detach().double().cpu()
     mag = max(1.0, float(e.abs().max())) if e.numel() else 1.0
-    torch.testing.assert_close(actual.double().cpu(), e, rtol=tol["rtol"], atol=tol["atol"] * mag * scale)
+    torch.testing.assert_close(actual.detach().double().cpu(), e, rtol=tol["rtol"], atol=tol["atol"] * mag * scale)
 
 
 def backend_devices():

@@ -293,7 +293,7 @@ def test_no_checkpoints_without_grad():
     """Inference keeps no per-step or per-chunk state: the registered forward returns an empty
     checkpoint buffer when nothing requires grad."""
     t = problem(1, 16, 200, 4)
-    args = (t["u"], t["delta"], t["A"], t["B"].unsqueeze(1), t["C"].unsqueeze(1), None, None, None, None,
+    args = (t["u"], t["delta"], t["A"], t["B"].unsqueeze(1), t["C"].unsqueeze(1), None, None, None, None, None,
             False, False)
     _, _, norms, ckpt = ss_mod._fwd_cpp(*args, False, 64)
     assert ckpt.numel() == 0 and norms.numel() == 0
@@ -304,7 +304,7 @@ def test_no_checkpoints_without_grad():
 def test_opcheck_and_compile():
     t = problem(2, 8, 6, 3, dtype=torch.float64)
     args = (t["u"].requires_grad_(), t["delta"], t["A"], t["B"].unsqueeze(1), t["C"].unsqueeze(1), t["D"], t["z"],
-            t["delta_bias"], t["initial_state"], True, True, True, 4)
+            t["delta_bias"], t["initial_state"], None, True, True, True, 4)
     torch.library.opcheck(ss_mod._fwd_cpp, args)
     torch._dynamo.reset()
     t = problem(2, 8, 6, 3)
@@ -320,7 +320,7 @@ def test_opcheck_triton():
     device = "cuda" if HAS_CUDA else "cpu"
     t = problem(1, 4, 5, 2, dtype=torch.float64, device=device)
     args = (t["u"].requires_grad_(), t["delta"], t["A"], t["B"].unsqueeze(1), t["C"].unsqueeze(1), t["D"], t["z"],
-            t["delta_bias"], t["initial_state"], True, True, True, 2)
+            t["delta_bias"], t["initial_state"], None, True, True, True, 2)
     kwargs = {} if HAS_CUDA else dict(test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(ss_mod._fwd_triton, args, **kwargs)
 
@@ -402,11 +402,12 @@ def test_threads_large_enough_problem(monkeypatch):
 def test_registered_op_rejects_what_the_kernels_cannot_index():
     t = problem(2, 8, 6, 3)
     B4, C4 = t["B"].unsqueeze(1), t["C"].unsqueeze(1)
-    base = [t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"], t["initial_state"], True, False,
+    base = [t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"], t["initial_state"], None, True, False,
             False, 4]
     ops = [ss_mod._fwd_cpp] + ([ss_mod._fwd_triton] if HAS_TRITON else [])
     for i, bad in [(1, t["delta"][..., :5]), (2, t["A"].t().contiguous().t()), (3, t["B"]), (4, C4[..., :5]),
-                   (5, t["D"].double()), (8, t["initial_state"][:1]), (12, 0)]:
+                   (5, t["D"].double()), (8, t["initial_state"][:1]),
+                   (9, torch.zeros(2, 5, dtype=torch.int32)), (13, 0)]:
         args = list(base)
         args[i] = bad
         for op in ops:
@@ -434,3 +435,76 @@ def test_cpp_exp_accuracy(cpu_isa):
                              torch.ones(n, 1), return_last_state=True, initial_state=torch.ones(1, n, 1),
                              backend="cpp")[1][0, :, 0]
     assert last[:3].eq(0).all() and last[3:5].eq(float("inf")).all() and last[5].isnan()
+
+
+# ------------------------------------------------------------------------------------------------
+# packed sequences (seq_idx) and mamba-ssm's delta_softplus=None
+# ------------------------------------------------------------------------------------------------
+
+
+def _pack(ts, lengths):
+    """Concatenate per-sequence problems (batch 1 each) along L: (u, delta, B, C, z) and seq_idx."""
+    cat = lambda k: torch.cat([t[k] for t in ts], dim=-1)
+    seq = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])[None]
+    return {k: cat(k) for k in ("u", "delta", "B", "C", "z")}, seq
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_seq_idx_equals_separate_sequences(backend, device):
+    """A packed row with seq_idx gives each sequence's separate result, forward and gradients; the
+    initial state applies to the first sequence only."""
+    lengths = [5, 1, 7] if interp(backend, device) else [9, 1, 23, 4]
+    n, dim = 3, 10
+    base = problem(1, dim, 2, n, dtype=torch.float64, device=device)
+    ts = [problem(1, dim, L, n, dtype=torch.float64, device=device, seed=i + 1) for i, L in enumerate(lengths)]
+    packed, seq = _pack(ts, lengths)
+    seq = seq.to(device)
+    leaves = {k: v.clone().requires_grad_() for k, v in packed.items()}
+    shared = {k: base[k].clone().requires_grad_() for k in ("A", "D", "delta_bias", "initial_state")}
+    chunk = ss_mod.CHECKPOINT_STEPS
+    ss_mod.CHECKPOINT_STEPS = 4  # resets inside and at the edge of checkpoint segments
+    try:
+        out, last = ck.selective_scan(leaves["u"], leaves["delta"], shared["A"], leaves["B"], leaves["C"],
+                                      shared["D"], leaves["z"], shared["delta_bias"], True, True,
+                                      initial_state=shared["initial_state"], seq_idx=seq, backend=backend)
+    finally:
+        ss_mod.CHECKPOINT_STEPS = chunk
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    # separately, with the reference (the initial state only for the first sequence)
+    r_leaves = {k: v.detach().clone().requires_grad_() for k, v in packed.items()}
+    r_shared = {k: v.detach().clone().requires_grad_() for k, v in shared.items()}
+    outs, pos = [], 0
+    for i, L in enumerate(lengths):
+        piece = lambda k: r_leaves[k][..., pos:pos + L]
+        o, lst = ref.selective_scan(piece("u"), piece("delta"), r_shared["A"], piece("B"), piece("C"), r_shared["D"],
+                                    piece("z"), r_shared["delta_bias"], True, True,
+                                    initial_state=r_shared["initial_state"] if i == 0 else None)
+        outs.append(o)
+        pos += L
+    want = torch.cat(outs, -1)
+    (want * g).sum().backward()
+    close(out, want, 1e-9, 1e-9)
+    close(last, lst, 1e-9, 1e-9)
+    for k in leaves:
+        close(leaves[k].grad, r_leaves[k].grad, 1e-8, 1e-8)
+    for k in shared:
+        close(shared[k].grad, r_shared[k].grad, 1e-8, 1e-8)
+    # the reference's own seq_idx path agrees
+    r = ref.selective_scan(packed["u"], packed["delta"], base["A"], packed["B"], packed["C"], base["D"], packed["z"],
+                           base["delta_bias"], True, False, initial_state=base["initial_state"], seq_idx=seq)
+    close(r, want, 1e-12, 1e-12)
+
+
+def test_seq_idx_bad_input_and_softplus_none():
+    t = problem(2, 8, 6, 3)
+    run = lambda **kw: ck.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], **kw)
+    with pytest.raises(ValueError, match="seq_idx must have shape"):
+        run(seq_idx=torch.zeros(2, 5, dtype=torch.int32))
+    with pytest.raises(TypeError, match="seq_idx must be int32 or int64"):
+        run(seq_idx=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        run(seq_idx=torch.tensor([[0, 0, 1, 0, 1, 1], [0] * 6]))
+    torch.testing.assert_close(run(delta_softplus=None), run(delta_softplus=False))
+    same = run(seq_idx=torch.zeros(2, 6, dtype=torch.int64))  # one sequence per row: no reset
+    torch.testing.assert_close(same, run())

@@ -235,8 +235,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, *, initial_state: Optional[torch.Tensor] = None,
-                   return_state_norms: bool = False):
-    """Mamba-1 selective scan, one time step at a time, in fp64 (DESIGN.md, selective_scan):
+                   return_state_norms: bool = False, seq_idx: Optional[torch.Tensor] = None):
+    """Mamba-1 selective scan, one time step at a time, in fp64 (docs/design.md, selective_scan):
 
         dt_t = softplus(delta_t + delta_bias) (or without softplus)
         x_t  = exp(dt_t * A) * x_{t-1} + dt_t * B_t * u_t,   x_{-1} = initial_state or 0
@@ -244,7 +244,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
 
     Returns fp64 ``out`` (batch, dim, L), then ``last_state`` (batch, dim, N) if return_last_state,
     then ``state_norms`` (batch, dim, L) = ||x_t[d, :]|| if return_state_norms. Differentiable in
-    every floating input (autograd through the loop: the tests' gradient ground truth)."""
+    every floating input (autograd through the loop: the tests' gradient ground truth).
+    ``seq_idx (batch, L)``: the state is zero before every step t > 0 where seq_idx changes."""
     batch, dim, L = u.shape
     uu = u.double()
     dt = delta.double()
@@ -259,6 +260,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     for t in range(L):
         Bt = _scan_matrix_at(B, t, batch, dim)
         Ct = _scan_matrix_at(C, t, batch, dim)
+        if seq_idx is not None and t > 0:
+            x = torch.where((seq_idx[:, t] != seq_idx[:, t - 1])[:, None, None], torch.zeros_like(x), x)
         x = torch.exp(dt[:, :, t, None] * Ad) * x + (dt[:, :, t] * uu[:, :, t])[:, :, None] * Bt
         ys.append((x * Ct).sum(-1))
         norms.append(torch.linalg.vector_norm(x, dim=-1))
@@ -273,3 +276,50 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     if return_state_norms:
         out.append(torch.stack(norms, -1) if L else uu.new_zeros(batch, dim, 0))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                           z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
+                           dt_softplus: bool = False, *, state_batch_indices: Optional[torch.Tensor] = None,
+                           pad_slot_id: int = -1, decay_scale: float = 1.0) -> torch.Tensor:
+    """One decode step in fp64 (docs/design.md, "Mamba in real models"), in place on ``state``:
+
+        dt' = softplus(dt + dt_bias) (or not);  s = decay_scale * exp(dt' A) * s + dt' x B
+        out = <s, C> + D x;  out *= silu(z) if z is given
+
+    Mamba-1 ``state (b, dim, n)`` or Mamba-2 ``state (b, h, p, n)`` with ``B, C (b, g, n)``.
+    Rows with ``state_batch_indices[i] == pad_slot_id`` start from a zero state and are not
+    written back. Returns ``out`` in x's dtype."""
+    two = state.dim() == 4
+    if not two:  # Mamba-1 as one head and one group
+        out = selective_state_update(state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0),
+                                     B.unsqueeze(1), C.unsqueeze(1), None if D is None else D.unsqueeze(0),
+                                     None if z is None else z.unsqueeze(1),
+                                     None if dt_bias is None else dt_bias.unsqueeze(0), dt_softplus,
+                                     state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id,
+                                     decay_scale=decay_scale)
+        return out.squeeze(1)
+    b, h = x.shape[0], x.shape[1]
+    g = B.shape[1]
+    rows = (torch.arange(b, device=x.device) if state_batch_indices is None else state_batch_indices.long())
+    valid = rows != pad_slot_id if state_batch_indices is not None else torch.ones(b, dtype=torch.bool,
+                                                                                  device=x.device)
+    s = torch.zeros(b, *state.shape[1:], dtype=torch.float64, device=state.device)
+    s[valid] = state[rows[valid]].double()
+    d = dt.double()
+    if dt_bias is not None:
+        d = d + dt_bias.double()
+    if dt_softplus:
+        d = torch.nn.functional.softplus(d)
+    Bh = B.double().repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.double().repeat_interleave(h // g, dim=1)
+    xd = x.double()
+    s = decay_scale * torch.exp(d[..., None] * A.double()) * s + (d * xd)[..., None] * Bh[:, :, None, :]
+    y = (s * Ch[:, :, None, :]).sum(-1)
+    if D is not None:
+        y = y + D.double() * xd
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.double())
+    state[rows[valid]] = s[valid].to(state.dtype)
+    return y.to(x.dtype)

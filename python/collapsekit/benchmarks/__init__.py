@@ -12,5 +12,6 @@ from .workload import WORKLOADS, Workload, fwd_bwd, register  # noqa: F401
 
 # the families register their workloads on import (table order = import order)
 from . import neural_collapse, ssd_scan, selective_scan, accumulator  # noqa: F401,E402
+from . import mamba_models  # noqa: F401,E402  (decode step; transformers models when installed)
 from .neural_collapse import eager_class_means, eager_within_class_variance  # noqa: F401,E402
 from .ssd_scan import eager_ssd_chunked, eager_ssd_loop  # noqa: F401,E402

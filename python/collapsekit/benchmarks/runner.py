@@ -155,8 +155,9 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def select(device: str, quick: bool, op: Optional[str] = None) -> List[Workload]:
-    return [w for w in WORKLOADS if device in w.devices and (w.quick if quick else w.full)
-            and (op is None or w.op == op)]
+    # naming an op also selects its workloads that are in neither set (too slow for the full run)
+    return [w for w in WORKLOADS if device in w.devices
+            and ((w.quick if quick else w.full) if op is None else (w.op == op and (w.quick or not quick)))]
 
 
 def run(device: str = "cpu", quick: bool = False, json_path: Optional[str] = None, compile_baselines: bool = True,

@@ -21,22 +21,6 @@ from .. import _dispatch, _library, _validate, reference
 CHECKPOINT_STEPS = 64
 MAX_N = 256
 
-# Field order of SelectiveScanArgs in csrc/selective_scan.h.
-_ARG_FIELDS = (
-    "batch", "dim", "L", "N", "b_mode", "b_groups", "c_mode", "c_groups",
-    "softplus", "chunk", "acc_code", "num_threads",
-    "u", "u_code", "u_s0", "u_s1", "u_s2",
-    "delta", "delta_code", "delta_s0", "delta_s1", "delta_s2",
-    "z", "z_code", "z_s0", "z_s1", "z_s2",
-    "B", "B_code", "B_s0", "B_s1", "B_s2", "B_s3",
-    "C", "C_code", "C_s0", "C_s1", "C_s2", "C_s3",
-    "A", "D", "bias", "init",
-    "out", "last", "norms", "ckpt",
-    "gout", "gout_code", "gout_s0", "gout_s1", "gout_s2", "glast", "gnorms",
-    "gu", "gdelta", "gz", "gA", "gB", "gC", "gD", "ginit", "gbias",
-)
-
-
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
@@ -83,10 +67,15 @@ def _check_op_args(u, delta, A, B, C, D, z, delta_bias, init, chunk, **more) -> 
         raise ValueError("selective_scan (registered op): " + "; ".join(bad))
 
 
-def _base_args(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk) -> dict:
+def _base_args(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk, seq_idx=None) -> dict:
     batch, dim, L = u.shape
     _check_op_args(u, delta, A, B, C, D, z, delta_bias, init, chunk)
-    a = dict.fromkeys(_ARG_FIELDS, 0)
+    if seq_idx is not None and (tuple(seq_idx.shape) != (batch, L) or seq_idx.dtype != torch.int32):
+        raise ValueError(f"selective_scan (registered op): seq_idx must be an int32 (batch, L) = ({batch}, {L}), "
+                         f"got {seq_idx.dtype} {tuple(seq_idx.shape)}")
+    a = {}
+    if seq_idx is not None:
+        a.update(seq_idx=seq_idx.data_ptr(), seq_s0=seq_idx.stride(0), seq_s1=seq_idx.stride(1))
     a.update(batch=batch, dim=dim, L=L, N=A.shape[1], softplus=int(softplus), chunk=chunk,
              acc_code=_dispatch.FLOAT_CODES[A.dtype], num_threads=_dispatch.num_threads(),
              b_mode=int(B.dim() == 4), b_groups=B.shape[1] if B.dim() == 4 else 0,
@@ -97,8 +86,11 @@ def _base_args(u, delta, A, B, C, D, z, delta_bias, init, softplus, chunk) -> di
     return a
 
 
-def _call(fn, a: dict) -> None:
-    fn([int(a[k]) for k in _ARG_FIELDS])
+def _call(fn, fields: dict) -> None:
+    """Fill _C.SelectiveScanArgs (csrc/selective_scan.h; unset fields are 0) and run the kernel."""
+    full = dict.fromkeys(_library.struct_fields("SelectiveScanArgs"), 0)
+    full.update((k, int(v)) for k, v in fields.items())
+    fn(_library.fill_args("SelectiveScanArgs", **full))
 
 
 def _empty_outputs(u, A, want_norms, save, chunk):
@@ -120,10 +112,10 @@ def _empty_outputs(u, A, want_norms, save, chunk):
 
 @torch.library.custom_op("collapsekit::selective_scan_fwd_cpp", mutates_args=())
 def _fwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], initial_state: Optional[Tensor], softplus: bool, want_norms: bool,
-             save: bool, chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             delta_bias: Optional[Tensor], initial_state: Optional[Tensor], seq_idx: Optional[Tensor], softplus: bool,
+             want_norms: bool, save: bool, chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     out, last, norms, ckpt = _empty_outputs(u, A, want_norms, save, chunk)
-    a = _base_args(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk)
+    a = _base_args(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk, seq_idx)
     a.update(out=out.data_ptr(), last=last.data_ptr(), norms=_ptr(norms), ckpt=_ptr(ckpt))
     _call(_dispatch.cpp().selective_scan_fwd, a)
     return out, last, norms, ckpt
@@ -131,8 +123,8 @@ def _fwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 
 @torch.library.custom_op("collapsekit::selective_scan_bwd_cpp", mutates_args=())
 def _bwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-             delta_bias: Optional[Tensor], ckpt: Tensor, gout: Tensor, glast: Optional[Tensor],
-             gnorms: Optional[Tensor], softplus: bool, chunk: int
+             delta_bias: Optional[Tensor], seq_idx: Optional[Tensor], ckpt: Tensor, gout: Tensor,
+             glast: Optional[Tensor], gnorms: Optional[Tensor], softplus: bool, chunk: int
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch, dim, L = u.shape
     n = A.shape[1]
@@ -148,7 +140,7 @@ def _bwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
                    glast=(glast, (batch, dim, n)), gnorms=(gnorms, (batch, dim, L)))
     if tuple(gout.shape) != (batch, dim, L):
         raise ValueError(f"selective_scan (registered op): gout has shape {tuple(gout.shape)}")
-    a = _base_args(u, delta, A, B, C, D, z, delta_bias, None, softplus, chunk)
+    a = _base_args(u, delta, A, B, C, D, z, delta_bias, None, softplus, chunk, seq_idx)
     a.update(_strided("gout", gout))
     a.update(ckpt=ckpt.data_ptr(), glast=_ptr(glast), gnorms=_ptr(gnorms), gu=gu.data_ptr(),
              gdelta=gdelta.data_ptr(), gz=_ptr(gz), gA=gA.data_ptr(), gB=gB.data_ptr(), gC=gC.data_ptr(),
@@ -160,39 +152,48 @@ def _bwd_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 
 def _fwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                      z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-                     softplus: bool, want_norms: bool, save: bool, chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                     seq_idx: Optional[Tensor], softplus: bool, want_norms: bool, save: bool, chunk: int
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import selective_scan as k  # imports triton: only on the first Triton call
 
     _check_op_args(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk)
+    _check_seq_idx(seq_idx, u)
     outs = _empty_outputs(u, A, want_norms, save, chunk)
-    k.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk, *outs)
+    k.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, chunk, *outs)
     return outs
 
 
 def _bwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], delta_bias: Optional[Tensor], ckpt: Tensor, gout: Tensor,
-                     glast: Optional[Tensor], gnorms: Optional[Tensor], softplus: bool, chunk: int
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], seq_idx: Optional[Tensor], ckpt: Tensor,
+                     gout: Tensor, glast: Optional[Tensor], gnorms: Optional[Tensor], softplus: bool, chunk: int
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import selective_scan as k
 
+    _check_seq_idx(seq_idx, u)
     batch, dim, L = u.shape
     n = A.shape[1]
     _check_op_args(u, delta, A, B, C, D, z, delta_bias, None, chunk, ckpt=(ckpt, (batch, dim, -(-L // chunk), n)),
                    glast=(glast, (batch, dim, n)), gnorms=(gnorms, (batch, dim, L)))
     if tuple(gout.shape) != (batch, dim, L):
         raise ValueError(f"selective_scan (registered op): gout has shape {tuple(gout.shape)}")
-    return k.backward(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, softplus, chunk)
+    return k.backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, gout, glast, gnorms, softplus, chunk)
 
 
 _fwd_triton = _library.triton_op("selective_scan_fwd_triton", _fwd_triton_impl)
 _bwd_triton = _library.triton_op("selective_scan_bwd_triton", _bwd_triton_impl)
 
 
-def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, want_norms, save, chunk):
+def _check_seq_idx(seq_idx, u):
+    if seq_idx is not None and (tuple(seq_idx.shape) != (u.shape[0], u.shape[2]) or seq_idx.dtype != torch.int32):
+        raise ValueError(f"selective_scan (registered op): seq_idx must be an int32 (batch, L) = "
+                         f"({u.shape[0]}, {u.shape[2]}), got {seq_idx.dtype} {tuple(seq_idx.shape)}")
+
+
+def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, want_norms, save, chunk):
     return _empty_outputs(u, A, want_norms, save, chunk)
 
 
-def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, softplus, chunk):
+def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, gout, glast, gnorms, softplus, chunk):
     batch, dim, L = u.shape
     new = lambda *s: u.new_empty(*s, dtype=A.dtype)
     return (new(batch, dim, L), new(batch, dim, L), new(batch, dim, L) if z is not None else new(0),
@@ -200,12 +201,12 @@ def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, so
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, want_norms, save, chunk = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, want_norms, save, chunk = inputs
     ckpt = output[3]
     ctx.set_materialize_grads(False)  # unused outputs (checkpoints, often last_state/norms) get None, not zeros
     ctx.softplus, ctx.chunk, ctx.saved = softplus, chunk, save
     ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt)
 
 
 def _make_backward(bwd_op):
@@ -213,12 +214,12 @@ def _make_backward(bwd_op):
         if not ctx.saved:
             raise RuntimeError("selective_scan: the forward ran without checkpoints (no input required grad "
                                "when it was called), so it cannot be differentiated")
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
         gnorms = gnorms.to(A.dtype).contiguous() if gnorms is not None and gnorms.numel() else None
         glast = glast.to(A.dtype).contiguous() if glast is not None else None
         gout = gout if gout is not None else torch.zeros(u.shape, dtype=A.dtype, device=u.device)
-        gu, gdelta, gz, gA, gB, gC, gD, ginit, gbias = bwd_op(u, delta, A, B, C, D, z, delta_bias, ckpt, gout,
-                                                       glast, gnorms, ctx.softplus, ctx.chunk)
+        gu, gdelta, gz, gA, gB, gC, gD, ginit, gbias = bwd_op(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt,
+                                                       gout, glast, gnorms, ctx.softplus, ctx.chunk)
         need = ctx.needs_input_grad
         dt = ctx.dtypes
         cast = lambda g, i: g.to(dt[i]) if need[i] else None
@@ -227,7 +228,7 @@ def _make_backward(bwd_op):
                 gz.to(dt[6]) if z is not None and need[6] else None,
                 gbias.to(dt[7]) if delta_bias is not None and need[7] else None,
                 ginit.to(dt[8]) if dt[8] is not None and need[8] else None,
-                None, None, None, None)
+                None, None, None, None, None)
     return backward
 
 
@@ -275,9 +276,10 @@ def _check_BC(M, name: str, batch: int, dim: int, n: int, L: int, op: str) -> Te
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, *, initial_state: Optional[Tensor] = None,
-                   return_state_norms: bool = False, backend: str = "auto"):
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                   delta_softplus: Optional[bool] = False, return_last_state: bool = False, *,
+                   initial_state: Optional[Tensor] = None, return_state_norms: bool = False,
+                   seq_idx: Optional[Tensor] = None, backend: str = "auto"):
     """Mamba-1 selective scan, a drop-in for ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``.
 
     ``dt = softplus(delta + delta_bias)`` (or without softplus), ``x_t = exp(dt_t A) x_{t-1} +
@@ -290,10 +292,14 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         B, C: ``(dim, N)`` constant, ``(batch, N, L)`` variable or ``(batch, G, N, L)`` grouped
             (``dim % G == 0``; channel d uses group ``d // (dim // G)``).
         D, delta_bias: optional ``(dim,)``.  z: optional ``(batch, dim, L)``.
-        delta_softplus: apply softplus to ``delta + delta_bias``.
+        delta_softplus: apply softplus to ``delta + delta_bias`` (``None`` means False, as
+            mamba-ssm's callers pass it).
         return_last_state: also return the final state ``(batch, dim, N)``.
         initial_state: keyword-only ``(batch, dim, N)`` state before step 0.
         return_state_norms: also return ``||x_t[d, :]||_2`` as ``(batch, dim, L)``.
+        seq_idx: keyword-only ``(batch, L)`` int32/int64, non-decreasing along L: packed
+            sequences; the state resets to zero before every step where it changes (so each
+            sequence runs as if alone; ``initial_state`` applies to the first sequence of a row).
         backend: ``"auto" | "reference" | "cpp" | "triton"``.
 
     Returns:
@@ -301,6 +307,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         in the accumulation dtype (fp32; fp64 for fp64 u). Differentiable in every floating input.
     """
     op = "selective_scan"
+    if delta_softplus is None:
+        delta_softplus = False
     _real(u, "u", op)
     if u.dim() != 3:
         raise ValueError(f"{op}: u must be (batch, dim, L), got shape {tuple(u.shape)}")
@@ -328,13 +336,22 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         if not isinstance(v, bool):
             raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
     _validate.same_device(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                          initial_state=initial_state)
+                          initial_state=initial_state, seq_idx=seq_idx)
+    if seq_idx is not None:
+        _validate.tensor(seq_idx, "seq_idx", op)
+        if seq_idx.dtype not in _validate.INDEX_DTYPES:
+            raise TypeError(f"{op}: seq_idx must be int32 or int64, got {seq_idx.dtype}")
+        _shape(seq_idx, (batch, L), "seq_idx", op, "(batch, L)")
+        if L > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+            raise ValueError(f"{op}: seq_idx must be non-decreasing along L (one packed sequence after another)")
+        seq_idx = seq_idx.to(torch.int32)
     backend = _dispatch.resolve_backend(backend, u.device, op)
     acc = _dispatch.accumulation_dtype(u.dtype)
 
     if backend == "reference":
         res = reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                       initial_state=initial_state, return_state_norms=return_state_norms)
+                                       initial_state=initial_state, return_state_norms=return_state_norms,
+                                       seq_idx=seq_idx)
         res = res if isinstance(res, tuple) else (res,)
         res = (res[0].to(u.dtype),) + tuple(r.to(acc) for r in res[1:])
         return res[0] if len(res) == 1 else res
@@ -347,7 +364,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     fwd = _fwd_cpp if backend == "cpp" else _fwd_triton
     out, last, norms, _ = fwd(u, delta, small(A), B4, C4, small(D), z, small(delta_bias), small(initial_state),
-                              delta_softplus, return_state_norms, save, chunk)
+                              seq_idx, delta_softplus, return_state_norms, save, chunk)
     res = [out.to(u.dtype)]
     if return_last_state:
         res.append(last)

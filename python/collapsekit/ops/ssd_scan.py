@@ -1,10 +1,11 @@
 """ssd_scan: the Mamba-2 / SSD state-space scan with the state-collapse options of "Stuffed Mamba"
 (decay_scale, state_norm_max, per-step state norms). Semantics of mamba-ssm's
-``mamba_chunk_scan_combined`` (DESIGN.md, "ssd_scan").
+``mamba_chunk_scan_combined`` (docs/design.md, "ssd_scan").
 
-Same pattern as ops/class_sums.py: ``_ssd_scan_cpp`` / ``_ssd_scan_triton`` (forward, returning
-out, final state, state norms and the chunk checkpoints the backward needs), a backward op per
-backend, ``register_fake`` and ``register_autograd``, and a public function that validates,
+Same pattern as ops/class_sums.py: ``_check_op`` / ``_outputs`` (checks and the one shape
+function), ``_ssd_scan_cpp`` / ``_ssd_scan_triton`` (forward, returning out, final state, state norms
+and the chunk checkpoints the backward needs; arguments reach C++ in one ``SsdArgs``), a backward
+op per backend, ``_library.register``, and a public function that validates,
 brings the arguments to canonical form (differentiably, so gradients reach the caller's dtypes
 and shapes) and dispatches. Kernels: csrc/ssd_scan.cpp, kernels/ssd_scan.py.
 """
@@ -20,7 +21,7 @@ INF = float("inf")
 
 
 def _acc(x: Tensor) -> torch.dtype:
-    return _dispatch.accumulation_dtype(x.dtype)
+    return _library.acc_dtype(x.dtype)
 
 
 def _num_chunks(l: int, chunk_size: int) -> int:
@@ -29,78 +30,126 @@ def _num_chunks(l: int, chunk_size: int) -> int:
 
 # ----------------------------------------------------------------------------------- cpp ------
 
+_OUTPUT_FIELDS = ("out", "final_state", "norms", "dout", "dfinal", "dx", "dz", "ddt", "dA", "dB", "dC", "dD", "dinit")
+
+
 def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp, decay_scale,
-          state_norm_max, ckpt, pre, path=0):
-    C_ = _dispatch.cpp()
-    a = C_.SsdArgs()
-    a.dtype = _dispatch.FLOAT_CODES[x.dtype]
-    a.b, a.l, a.h, a.p = x.shape
-    a.g, a.n = B.shape[2], B.shape[3]
-    a.x, a.xs = x.data_ptr(), list(x.stride())
-    a.dt, a.dts = dt.data_ptr(), list(dt.stride())
-    a.A = A.data_ptr()
-    a.B, a.bs = B.data_ptr(), list(B.stride())
-    a.C, a.cs = C.data_ptr(), list(C.stride())
-    a.D = D.data_ptr() if D is not None else 0
-    a.z, a.zs = (z.data_ptr(), list(z.stride())) if z is not None else (0, [])
-    a.dt_bias = dt_bias.data_ptr() if dt_bias is not None else 0
-    a.dt_softplus, a.dt_clamp, a.dt_min, a.dt_max = int(dt_softplus), int(dt_clamp), dt_min, dt_max
-    a.decay_scale, a.state_norm_max, a.chunk_size = decay_scale, state_norm_max, chunk_size
-    a.init = init.data_ptr() if init is not None else 0
-    a.ckpt = ckpt.data_ptr() if ckpt is not None and ckpt.numel() else 0
-    a.pre_norms = pre.data_ptr() if pre is not None and pre.numel() else 0
-    a.path = path
-    a.num_threads = _dispatch.num_threads()
-    return a
+          state_norm_max, ckpt, pre, path=0, window=0, **outputs):
+    """The one SsdArgs of a C++ call (fill_args: every field named); ``outputs`` are the forward's
+    or the backward's pointers (Tensors or None), ``dos`` the strides of ``dout``."""
+    fields = dict.fromkeys(_OUTPUT_FIELDS)
+    fields["dos"] = []
+    fields.update(outputs)
+    b, l, h, p = x.shape
+    return _library.fill_args(
+        "SsdArgs", dtype=_dispatch.FLOAT_CODES[x.dtype], b=b, l=l, h=h, p=p, g=B.shape[2], n=B.shape[3],
+        x=x, xs=list(x.stride()), dt=dt, dts=list(dt.stride()), A=A, B=B, bs=list(B.stride()), C=C,
+        cs=list(C.stride()), D=D, z=z, zs=list(z.stride()) if z is not None else [], dt_bias=dt_bias,
+        dt_softplus=int(dt_softplus), dt_clamp=int(dt_clamp), dt_min=float(dt_min), dt_max=float(dt_max),
+        decay_scale=float(decay_scale), state_norm_max=float(state_norm_max), chunk_size=int(chunk_size), init=init,
+        ckpt=ckpt if ckpt is not None and ckpt.numel() else None, pre_norms=pre if pre is not None and pre.numel() else None,
+        path=int(path), window=int(window), num_threads=_dispatch.num_threads(), **fields)
 
 
-@torch.library.custom_op("collapsekit::ssd_scan_cpp", mutates_args=())
+def _check_op(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, op="ssd_scan"):
+    """What the kernels index (a direct torch.ops.collapsekit.* call is checked too): every shape
+    against x (b, l, h, p) and B (b, l, g, n), the accumulation-dtype operands contiguous."""
+    e = _library.expect
+    e(op, "x", x, ndim=4, dtypes=_library.FLOAT_DTYPES)
+    b, l, h, p = x.shape
+    acc = (_acc(x),)
+    e(op, "dt", dt, shape=(b, l, h), dtypes=acc)
+    e(op, "A", A, shape=(h,), dtypes=acc, contiguous=True)
+    e(op, "B", B, shape=(b, l, -1, -1), dtypes=(x.dtype,))
+    g, n = B.shape[2], B.shape[3]
+    if g < 1 or h % g:
+        raise ValueError(f"{op} (registered op): B's ngroups={g} must divide nheads={h}")
+    e(op, "C", C, shape=(b, l, g, n), dtypes=(x.dtype,))
+    e(op, "D", D, shape=(h, p), dtypes=acc, contiguous=True, optional=True)
+    e(op, "z", z, shape=(b, l, h, p), dtypes=(x.dtype,), optional=True)
+    e(op, "dt_bias", dt_bias, shape=(h,), dtypes=acc, contiguous=True, optional=True)
+    e(op, "initial_states", init, shape=(b, h, p, n), dtypes=acc, contiguous=True, optional=True)
+    if chunk_size < 1:
+        raise ValueError(f"{op} (registered op): chunk_size must be >= 1, got {chunk_size}")
+
+
+def _outputs(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
+             decay_scale, state_norm_max, save_checkpoints, want_norms, path):
+    """(out, final, norms, checkpoints, pre-normalisation norms): the one shape function (real
+    implementations allocate with it; it is also the fake)."""
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    acc = _acc(x)
+    k = _num_chunks(l, chunk_size)
+    def empty():  # a fresh one each (outputs must not alias)
+        return x.new_empty(0, dtype=acc)
+
+    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, dtype=acc),
+            x.new_empty(b, l, h, dtype=acc) if want_norms else empty(),
+            x.new_empty(b, h, k, p, n, dtype=acc) if save_checkpoints else empty(),
+            x.new_zeros(b, h, k, dtype=acc) if save_checkpoints and state_norm_max > 0 else empty())
+
+
+@_library.cpu_op("ssd_scan_cpp")
 def _ssd_scan_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                   dt_bias: Optional[Tensor], initial_states: Optional[Tensor], chunk_size: int, dt_softplus: bool,
                   dt_min: float, dt_max: float, dt_clamp: bool, decay_scale: float, state_norm_max: float,
                   save_checkpoints: bool, want_norms: bool, path: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    b, l, h, p = x.shape
-    n = B.shape[3]
-    acc = _acc(x)
+    _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size)
     if path not in (0, 1, 2):
         raise ValueError(f"collapsekit::ssd_scan_cpp: path must be 0 (auto), 1 (recurrent) or 2 (chunked), got {path}")
-    out = torch.empty(b, l, h, p, dtype=x.dtype)
-    final = torch.empty(b, h, p, n, dtype=acc)
-    norms = torch.empty(b, l, h, dtype=acc) if want_norms else x.new_empty(0, dtype=acc)
-    k = _num_chunks(l, chunk_size)
-    ckpt = torch.empty(b, h, k, p, n, dtype=acc) if save_checkpoints else x.new_empty(0, dtype=acc)
-    pre = torch.zeros(b, h, k, dtype=acc) if save_checkpoints and state_norm_max > 0 else x.new_empty(0, dtype=acc)
+    out, final, norms, ckpt, pre = _outputs(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus,
+                                            dt_min, dt_max, dt_clamp, decay_scale, state_norm_max, save_checkpoints,
+                                            want_norms, path)
     a = _args(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-              decay_scale, state_norm_max, ckpt, pre, path)
-    _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr() if want_norms else 0)
+              decay_scale, state_norm_max, ckpt, pre, path, out=out, final_state=final,
+              norms=norms if want_norms else None)
+    _dispatch.cpp().ssd_scan_forward(a)
     return out, final, norms, ckpt, pre
 
 
-@torch.library.custom_op("collapsekit::ssd_scan_backward_cpp", mutates_args=())
+def _check_backward_op(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size,
+                       state_norm_max, op="ssd_scan_backward"):
+    _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, op)
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    acc = (_acc(x),)
+    k = _num_chunks(l, chunk_size)
+    _library.expect(op, "gout", gout, shape=(b, l, h, p), dtypes=_library.FLOAT_DTYPES)
+    _library.expect(op, "gfinal", gfinal, shape=(b, h, p, n), dtypes=_library.FLOAT_DTYPES, optional=True)
+    if x.numel() and n:
+        _library.expect(op, "checkpoints", ckpt, shape=(b, h, k, p, n), dtypes=acc, contiguous=True)
+        if state_norm_max > 0:
+            _library.expect(op, "pre_norms", pre, shape=(b, h, k), dtypes=acc, contiguous=True)
+
+
+@_library.cpu_op("ssd_scan_backward_cpp")
 def _ssd_scan_backward_cpp(gout: Tensor, gfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                            C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                            initial_states: Optional[Tensor], ckpt: Tensor, pre: Tensor, chunk_size: int,
                            dt_softplus: bool, dt_min: float, dt_max: float, dt_clamp: bool, decay_scale: float,
                            state_norm_max: float, path: int) -> List[Tensor]:
+    _check_backward_op(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size,
+                       state_norm_max)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     acc = _acc(x)
     gout = gout.to(x.dtype)
+    # per batch row and head: dA, dD and the group sums of dB / dC are reduced in _finish_grads
     dx = torch.empty(b, l, h, p, dtype=x.dtype)
     dz = torch.empty(b, l, h, p, dtype=x.dtype) if z is not None else x.new_empty(0)
     ddt = torch.empty(b, l, h, dtype=acc)
     dA = torch.empty(b, h, dtype=acc)
-    dB = torch.empty(b, l, h, n, dtype=acc)  # per head; summed over each group's heads below
+    dB = torch.empty(b, l, h, n, dtype=acc)
     dC = torch.empty(b, l, h, n, dtype=acc)
     dD = torch.empty(b, h, p, dtype=acc) if D is not None else x.new_empty(0, dtype=acc)
     dinit = torch.empty(b, h, p, n, dtype=acc)
     gf = gfinal.to(acc).contiguous() if gfinal is not None else None
     a = _args(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-              decay_scale, state_norm_max, ckpt, pre, path if path in (0, 1, 2) else 0)
-    _dispatch.cpp().ssd_scan_backward(a, gout.data_ptr(), list(gout.stride()), gf.data_ptr() if gf is not None else 0,
-                                      dx.data_ptr(), dz.data_ptr() if z is not None else 0, ddt.data_ptr(),
-                                      dA.data_ptr(), dB.data_ptr(), dC.data_ptr(),
-                                      dD.data_ptr() if D is not None else 0, dinit.data_ptr())
+              decay_scale, state_norm_max, ckpt, pre, path if path in (0, 1, 2) else 0,
+              dout=gout, dos=list(gout.stride()), dfinal=gf, dx=dx, dz=dz if z is not None else None, ddt=ddt,
+              dA=dA, dB=dB, dC=dC, dD=dD if D is not None else None, dinit=dinit)
+    _dispatch.cpp().ssd_scan_backward(a)
     return _finish_grads(dx, dz, ddt, dA, dB, dC, dD, dinit, B, g)
 
 
@@ -118,6 +167,7 @@ def _ssd_scan_triton_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
                           chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float, dt_clamp: bool,
                           decay_scale: float, state_norm_max: float,
                           save_checkpoints: bool, want_norms: bool, path: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size)
     from ..kernels import ssd_scan as k
 
     out, final, norms, ckpt, pre = k.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus,
@@ -131,6 +181,8 @@ def _ssd_scan_backward_triton_impl(gout: Tensor, gfinal: Optional[Tensor], x: Te
                                    pre: Tensor, chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float,
                                    dt_clamp: bool, decay_scale: float, state_norm_max: float,
                                    path: int) -> List[Tensor]:
+    _check_backward_op(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size,
+                       state_norm_max)
     from ..kernels import ssd_scan as k
 
     grads = k.backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size,
@@ -143,18 +195,6 @@ _ssd_scan_backward_triton = _library.triton_op("ssd_scan_backward_triton", _ssd_
 
 
 # ------------------------------------------------------------------------ fake + autograd ------
-
-def _fake(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-          decay_scale, state_norm_max, save_checkpoints, want_norms, path):
-    b, l, h, p = x.shape
-    n = B.shape[3]
-    acc = _acc(x)
-    k = _num_chunks(l, chunk_size)
-    ckpt = x.new_empty(b, h, k, p, n, dtype=acc) if save_checkpoints else x.new_empty(0, dtype=acc)
-    pre = x.new_empty(b, h, k, dtype=acc) if save_checkpoints and state_norm_max > 0 else x.new_empty(0, dtype=acc)
-    norms = x.new_empty(b, l, h, dtype=acc) if want_norms else x.new_empty(0, dtype=acc)
-    return (x.new_empty(b, l, h, p), x.new_empty(b, h, p, n, dtype=acc), norms, ckpt, pre)
-
 
 def _fake_backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size, dt_softplus,
                    dt_min, dt_max, dt_clamp, decay_scale, state_norm_max, path):
@@ -195,10 +235,9 @@ def _make_autograd(backward_op):
 
 
 for _fwd, _bwd in ((_ssd_scan_cpp, _ssd_scan_backward_cpp), (_ssd_scan_triton, _ssd_scan_backward_triton)):
-    _fwd.register_fake(_fake)
-    _bwd.register_fake(_fake_backward)
     _b, _s = _make_autograd(_bwd)
-    _fwd.register_autograd(_b, setup_context=_s)
+    _library.register((_fwd,), fake=_outputs, backward=_b, setup_context=_s)
+    _library.register((_bwd,), fake=_fake_backward)
 
 
 # -------------------------------------------------------------------------------- public ------
@@ -427,22 +466,21 @@ def _window_norms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, decay_scale, b
         return k.window_norms(*args)
 
 
-@torch.library.custom_op("collapsekit::ssd_window_norms_cpp", mutates_args=())
+@_library.cpu_op("ssd_window_norms_cpp")
 def _window_norms_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Optional[Tensor],
                       dt_softplus: bool, dt_min: float, dt_max: float, decay_scale: float, W: int) -> Tensor:
+    _check_op(x, dt, A, B, C, None, None, dt_bias, None, 64, "ssd_window_norms")
+    if W < 1:
+        raise ValueError(f"ssd_window_norms (registered op): W must be >= 1, got {W}")
     b, l, h, p = x.shape
-    if W < 1 or tuple(dt.shape) != (b, l, h) or tuple(A.shape) != (h,) or B.shape[:2] != (b, l) or \
-            C.shape != B.shape or (dt_bias is not None and tuple(dt_bias.shape) != (h,)):
-        raise ValueError("collapsekit::ssd_window_norms_cpp: shapes do not match x (b, l, h, p)")
     n = B.shape[3]
     acc = _acc(x)
     out = torch.empty(b, l, h, p, dtype=x.dtype)
     final = torch.empty(b, h, p, n, dtype=acc)
     norms = torch.empty(b, l, h, dtype=acc)
     a = _args(x, dt, A, B, C, None, None, dt_bias, None, 64, dt_softplus, dt_min, dt_max, True, decay_scale, 0.0,
-              None, None, 1)
-    a.window = W
-    _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr())
+              None, None, 1, window=W, out=out, final_state=final, norms=norms)
+    _dispatch.cpp().ssd_scan_forward(a)
     return norms
 
 
