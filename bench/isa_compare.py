@@ -51,7 +51,8 @@ def compare(name, providers, reps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=11)
-    ap.add_argument("--ops", default="class_means,within_class_variance")
+    ap.add_argument("--ops", default="class_means,within_class_variance",
+                    help="also: pairwise_geometry, nearest_class_center, etf_logits")
     args = ap.parse_args()
     ops = args.ops.split(",")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, fp32")
@@ -71,6 +72,18 @@ def main():
         compare(f"within_class_variance N={n} D={d} C={c}",
                 {"eager": lambda: eager_within_class_variance(h, y, mu),
                  "avx2": with_isa("avx2", run), "avx512": with_isa("avx512", run)}, args.reps)
+    for op in ("pairwise_geometry", "nearest_class_center", "etf_logits"):
+        if op not in ops:
+            continue
+        from collapsekit.benchmarks import WORKLOADS
+        for w in WORKLOADS:  # the registered full-run CPU workload of that op (collapsekit bench)
+            if w.op == op and w.full and "cpu" in w.devices and w.baselines:
+                inp = w.make(torch.device("cpu"))
+                eager = next(iter(w.baselines.values()))
+                run = lambda: w.collapsekit(**inp)  # noqa: E731
+                compare(f"{op} {w.label}", {"eager": lambda: eager(**inp), "avx2": with_isa("avx2", run),
+                                             "avx512": with_isa("avx512", run)}, args.reps)
+                break
     _C.set_isa("auto")
 
 

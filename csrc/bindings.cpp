@@ -149,7 +149,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("strict_upper", &PairwiseTileArgs::strict_upper)
       .def_readwrite("inv_k1", &PairwiseTileArgs::inv_k1).def_readwrite("out", &PairwiseTileArgs::out)
       .def_readwrite("num_threads", &PairwiseTileArgs::num_threads);
-  m.def("pairwise_tile_sums", static_cast<void (*)(const PairwiseTileArgs&)>(CK_DISPATCH(pairwise_tile_sums)),
+  m.def("pairwise_tile_sums", static_cast<void (*)(const PairwiseTileArgs&)>(CK_DISPATCH512(pairwise_tile_sums)),
         py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "out[6] (fp64) += pair count, sums of cos, cos^2, |cos + 1/(K-1)|, log-kernel, CDNV over one Gram tile");
 
@@ -161,7 +161,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("alpha", &ArgminTileArgs::alpha).def_readwrite("col0", &ArgminTileArgs::col0)
       .def_readwrite("best", &ArgminTileArgs::best).def_readwrite("best_idx", &ArgminTileArgs::best_idx)
       .def_readwrite("num_threads", &ArgminTileArgs::num_threads);
-  m.def("argmin_tile_update", static_cast<void (*)(const ArgminTileArgs&)>(CK_DISPATCH(argmin_tile_update)),
+  m.def("argmin_tile_update", static_cast<void (*)(const ArgminTileArgs&)>(CK_DISPATCH512(argmin_tile_update)),
         py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "running arg-min of offsets[j] + alpha * dots[r, j] over one [R, T] tile (best/best_idx updated in place)");
 

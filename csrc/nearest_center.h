@@ -19,6 +19,7 @@ struct ArgminTileArgs {
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { void argmin_tile_update(const ArgminTileArgs& a); }
 COLLAPSEKIT_DECLARE_ISA(base)
 COLLAPSEKIT_DECLARE_ISA(avx2)
+COLLAPSEKIT_DECLARE_ISA(avx512)
 #undef COLLAPSEKIT_DECLARE_ISA
 
 }  // namespace collapsekit

@@ -19,6 +19,7 @@ struct PairwiseTileArgs {
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { void pairwise_tile_sums(const PairwiseTileArgs& a); }
 COLLAPSEKIT_DECLARE_ISA(base)
 COLLAPSEKIT_DECLARE_ISA(avx2)
+COLLAPSEKIT_DECLARE_ISA(avx512)
 #undef COLLAPSEKIT_DECLARE_ISA
 
 }  // namespace collapsekit
