@@ -15,7 +15,8 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, selective_scan, ssd_scan, within_class
+from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, selective_scan, ssd_chunked, ssd_scan, \
+    within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -146,6 +147,67 @@ def ssd_scan_cases():
             ints_common + ["SLOTS"] + strides + ["gs0", "gs1", "gs2", "gs3"], {**consts, "HAS_GFINAL": flags}
 
 
+def ssd_chunked_cases():
+    """Every kernel of the chunked SSD for each input dtype, with the flags that change its code
+    (tiles as the launcher picks them for p=64, n=128, chunk 64)."""
+    K = ssd_chunked
+    T = lambda name, **kw: {k: v for k, v in K._tile(name, **kw).items() if k != "num_warps"}
+    xs = [f"xs{i}" for i in range(4)]
+    bs = [f"bs{i}" for i in range(4)]
+    cs = [f"cs{i}" for i in range(4)]
+    zs = [f"zs{i}" for i in range(4)]
+    ds = ["ds0", "ds1", "ds2"]
+    for feat, flags in [("bf16", True), ("bf16", False), ("fp16", True), ("fp32", True), ("fp32", False),
+                        ("fp64", True)]:
+        acc = "fp64" if feat == "fp64" else "fp32"
+        a = f"*{acc}"
+        f = f"*{feat}"
+        typ = {"DOT": DTYPES[feat], "PREC": "ieee", "ACC": DTYPES[acc]}
+        tag = f"[{feat},{flags}]"
+        yield "ssd_chunked.cumsum_fwd" + tag, K._cumsum_fwd_kernel, \
+            {"dt_ptr": a, "A_ptr": a, "bias_ptr": a, "par_ptr": a, "dtp_ptr": a, "cum_ptr": a}, \
+            ["L", "NH", "CS", "NCHUNK"] + ds, \
+            {"HAS_BIAS": flags, "SOFTPLUS": flags, "ACC": DTYPES[acc], "BLOCK_CS": 64}
+        yield "ssd_chunked.chunk_state" + tag, K._chunk_state_kernel, \
+            {"x_ptr": f, "B_ptr": f, "dtp_ptr": a, "cum_ptr": a, "st_ptr": a}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + xs + bs, {**typ, **T("chunk_state", BLOCK_K=64)}
+        sp = {k: v for k, v in K.TILES["state_passing"].items() if k != "num_warps"}
+        yield "ssd_chunked.state_passing" + tag, K._state_passing_kernel, \
+            {"st_ptr": a, "cum_ptr": a, "init_ptr": a, "par_ptr": a, "S_ptr": a, "final_ptr": a, "norm_ptr": a}, \
+            ["NH", "PN", "CS", "NCHUNK"], {"HAS_INIT": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
+        yield "ssd_chunked.bmm" + tag, K._bmm_kernel, {"C_ptr": f, "B_ptr": f, "cb_ptr": a}, \
+            ["L", "G", "N", "CS", "NCHUNK"] + cs + bs, {**typ, **T("bmm", BLOCK_T=64, BLOCK_S=64)}
+        yield "ssd_chunked.chunk_scan" + tag, K._chunk_scan_kernel, \
+            {"x_ptr": f, "z_ptr": f, "C_ptr": f, "cb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "S_ptr": a, "D_ptr": a,
+             "out_ptr": f, "y_ptr": f}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + zs + cs, \
+            {"HAS_D": flags, "HAS_Z": flags, "SAVE_Y": flags, **typ, **T("chunk_scan", BLOCK_K=64)}
+        yield "ssd_chunked.bwd_dstates" + tag, K._bwd_dstates_kernel, \
+            {"gy_ptr": f, "C_ptr": f, "cum_ptr": a, "dS_ptr": a}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + cs, {**typ, **T("dstates", BLOCK_K=64)}
+        yield "ssd_chunked.state_passing_bwd" + tag, K._state_passing_bwd_kernel, \
+            {"dS_ptr": a, "S_ptr": a, "cum_ptr": a, "gfinal_ptr": a, "norm_ptr": a, "par_ptr": a, "gst_ptr": a,
+             "dcl_ptr": a, "dinit_ptr": a}, \
+            ["NH", "PN", "CS", "NCHUNK", "NBLK"], {"HAS_GFINAL": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
+        yield "ssd_chunked.bwd_dx" + tag, K._bwd_dx_kernel, \
+            {"x_ptr": f, "B_ptr": f, "gy_ptr": f, "y_ptr": f, "cb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "gst_ptr": a,
+             "D_ptr": a, "dx_ptr": f, "ddt_ptr": a, "ddts_ptr": a, "dcy_ptr": a, "dD_ptr": a}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK", "NPB", "NTB"] + xs + bs, \
+            {"HAS_D": flags, **typ, **T("dx", BLOCK_K=64)}
+        yield "ssd_chunked.bwd_dcb" + tag, K._bwd_dcb_kernel, \
+            {"gy_ptr": f, "x_ptr": f, "dtp_ptr": a, "cum_ptr": a, "dcb_ptr": a}, \
+            ["L", "NH", "P", "HPG", "G", "CS", "NCHUNK"] + xs, {**typ, **T("dcb", BLOCK_K=64)}
+        yield "ssd_chunked.bwd_dbc" + tag, K._bwd_dbc_kernel, \
+            {"x_ptr": f, "gy_ptr": f, "B_ptr": f, "C_ptr": f, "dcb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "S_ptr": a,
+             "gst_ptr": a, "dB_ptr": a, "dC_ptr": a}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + bs + cs, {**typ, **T("dbc", BLOCK_K=64)}
+        yield "ssd_chunked.cumsum_bwd" + tag, K._cumsum_bwd_kernel, \
+            {"dt_ptr": a, "A_ptr": a, "bias_ptr": a, "par_ptr": a, "dtp_ptr": a, "ddtp_ptr": a, "ddts_ptr": a,
+             "dcy_ptr": a, "dcl_ptr": a, "ddt_ptr": a, "dA_ptr": a, "dbias_ptr": a}, \
+            ["L", "NH", "CS", "NCHUNK", "NPB", "NBLK"] + ds, \
+            {"HAS_BIAS": flags, "SOFTPLUS": flags, "ACC": DTYPES[acc], "BLOCK_CS": 64, "BLOCK_B": 16}
+
+
 def selective_scan_cases():
     """Forward and backward for each input dtype (u, delta, z, B, C share it here; the kernels convert
     each load, so mixed dtypes compile the same code) and each B/C form and flag set that changes
@@ -185,7 +247,8 @@ def main():
     count = 0
     for target in TARGETS:
         for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases(),
-                                                          etf_logits_cases(), ssd_scan_cases(), selective_scan_cases()):
+                                                          etf_logits_cases(), ssd_scan_cases(), selective_scan_cases(),
+                                                          ssd_chunked_cases()):
             count += 1
             try:
                 compile_for(fn, ptrs, ints, consts, target)
