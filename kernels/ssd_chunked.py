@@ -313,6 +313,32 @@ def _chunk_scan_kernel(x_ptr, z_ptr, C_ptr, cb_ptr, dtp_ptr, cum_ptr, S_ptr, D_p
 # --------------------------------------------------------------------------- backward --------
 
 @triton.jit
+def _bwd_gate_kernel(gout_ptr, z_ptr, y_ptr, gy_ptr, dz_ptr, R, L, NH, P,
+                     gs0, gs1, gs2, gs3, zs0, zs1, zs2, zs3,
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out = y·silu(z): gy = gout·z·σ(z), dz = gout·y·σ(z)(1 + z(1 − σ(z))), one pass over
+    (b·l·h rows, p). gy and dz are contiguous (b, l, h, p)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    op = tl.arange(0, BLOCK_P)
+    rm = r < R
+    hi = r % NH
+    t = (r // NH) % L
+    bi = r // (NH * L)
+    for p0 in range(0, P, BLOCK_P):
+        pp = p0 + op
+        m = rm[:, None] & (pp < P)[None, :]
+        go = tl.load(gout_ptr + (bi * gs0 + t * gs1 + hi * gs2)[:, None] + pp[None, :] * gs3, mask=m, other=0.0)
+        zv = tl.load(z_ptr + (bi * zs0 + t * zs1 + hi * zs2)[:, None] + pp[None, :] * zs3, mask=m, other=0.0)
+        go = go.to(ACC)
+        zv = zv.to(ACC)
+        o = r[:, None] * P + pp[None, :]
+        yv = tl.load(y_ptr + o, mask=m, other=0.0).to(ACC)
+        sg = _sigmoid(zv)
+        tl.store(gy_ptr + o, (go * zv * sg).to(gy_ptr.dtype.element_ty), mask=m)
+        tl.store(dz_ptr + o, (go * yv * sg * (1.0 + zv * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _bwd_dstates_kernel(gy_ptr, C_ptr, cum_ptr, dS_ptr,
                         L, NH, P, N, HPG, CS, NCHUNK, cs0, cs1, cs2, cs3,
                         DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
@@ -677,6 +703,15 @@ def _params(x, decay_scale, state_norm_max, dt_min, dt_max):
     return torch.tensor([math.log(decay_scale), state_norm_max, dt_min, dt_max], dtype=acc, device=x.device)
 
 
+def _safe(t):
+    """The kernels multiply int32 aranges by the last dim's stride; a layout where that product
+    could pass 2^31 (a last dim strided by more than 2^31 / size) is copied contiguous first. Every
+    other offset is int64 in the kernels."""
+    if t is not None and t.dim() == 4 and t.shape[3] > 1 and (t.shape[3] - 1) * abs(t.stride(3)) >= 2 ** 31 - 1:
+        return t.contiguous()
+    return t
+
+
 def _dummy(x, dtype):
     return torch.empty(1, dtype=dtype, device=x.device)
 
@@ -711,6 +746,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
     fp64 x), saved) where ``saved`` is an opaque tuple for ``backward`` (None unless
     save_for_backward). The chunk's entering states S (b, k, h, p, n), CB (b, k, g, cs, cs),
     Δ and cum (b, h, k, cs), the norms at the boundaries and y (z given) are what it holds."""
+    x, z, B, C = _safe(x), _safe(z), _safe(B), _safe(C)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     acc, ACC, DOT, PREC = _types(x)
@@ -768,22 +804,25 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
     dD (h, p) or None, ddt_bias (h,) or None, dinit (b, h, p, n) or None); dB/dC are summed over the
     group's heads. ddt, dA, dB, dC, dD, ddt_bias, dinit are in the accumulation dtype (fp32; fp64
     for fp64 x), dx/dz in x's dtype."""
+    x, z, B, C, gout = _safe(x), _safe(z), _safe(B), _safe(C), _safe(gout)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     acc, ACC, DOT, PREC = _types(x)
     cs = int(chunk_size)
     k = triton.cdiv(l, cs)
     dev = x.device
-    dx = torch.zeros(b, l, h, p, dtype=x.dtype, device=dev)
+    empty = b * h * p == 0 or l == 0
+    new = torch.zeros if empty else torch.empty   # the kernels write every element of these
+    dx = new(b, l, h, p, dtype=x.dtype, device=dev)
     dz = torch.zeros_like(z) if z is not None else None
-    ddt = torch.zeros(b, l, h, dtype=acc, device=dev)
+    ddt = new(b, l, h, dtype=acc, device=dev)
     dA = torch.zeros(h, dtype=acc, device=dev)
-    dB = torch.zeros(b, l, g, n, dtype=acc, device=dev)
-    dC = torch.zeros(b, l, g, n, dtype=acc, device=dev)
+    dB = new(b, l, g, n, dtype=acc, device=dev)
+    dC = new(b, l, g, n, dtype=acc, device=dev)
     dD = torch.zeros(h, p, dtype=acc, device=dev) if D is not None else None
     dbias = torch.zeros(h, dtype=acc, device=dev) if dt_bias is not None else None
     dinit = torch.zeros(b, h, p, n, dtype=acc, device=dev) if initial_states is not None else None
-    if b * h * p == 0 or l == 0:
+    if empty:
         if dinit is not None and gfinal is not None:
             dinit.copy_(gfinal)
         return dx, dz, ddt, dA, dB, dC, dD, dbias, dinit
@@ -791,13 +830,12 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
     norm_max = state_norm_max > 0
     if gout is None:
         gout = torch.zeros(b, l, h, p, dtype=x.dtype, device=dev)
-    # the gate, elementwise: gy = gout·silu(z), dz = gout·y·silu'(z)
-    if z is not None:
-        zf = z.to(acc)
-        sg = torch.sigmoid(zf)
-        go = gout.to(acc)
-        dz.copy_(go * y.to(acc) * sg * (1 + zf * (1 - sg)))
-        gy = (go * zf * sg).to(x.dtype).contiguous()
+    if z is not None:   # the gate, one elementwise pass: gy = gout·silu(z), dz
+        gy = torch.empty(b, l, h, p, dtype=x.dtype, device=dev)
+        dz = torch.empty(b, l, h, p, dtype=z.dtype, device=dev)
+        bp = min(64, max(16, triton.next_power_of_2(p)))
+        wrap_triton(_bwd_gate_kernel)[(triton.cdiv(b * l * h, 32),)](
+            gout, z, y, gy, dz, b * l * h, l, h, p, *gout.stride(), *z.stride(), ACC=ACC, BLOCK_R=32, BLOCK_P=bp)
     else:
         gy = gout.to(x.dtype).contiguous()
 
