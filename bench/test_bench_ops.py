@@ -48,7 +48,7 @@ def test_op(benchmark, workload, provider, request):
 
     def call():
         out = fn(**inp)
-        benchmarks._sync(dev)
+        benchmarks.sync(dev)
         return out
 
     call()  # warm-up / compile outside the timing
@@ -56,3 +56,21 @@ def test_op(benchmark, workload, provider, request):
     benchmark.extra_info["provider"] = provider
     benchmark.extra_info["bytes_moved"] = workload.bytes_moved(inp)
     benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def test_outputs_match_baseline(request):
+    """Every workload's collapsekit call computes what its first baseline computes (the check
+    `collapsekit bench` makes before timing), on the selected shapes."""
+    device = request.config.getoption("--ck-device")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    checked = 0
+    for w in _workloads(request.config):
+        if not w.baselines:
+            continue
+        inp = w.make(torch.device(device))
+        ref = next(iter(w.baselines.values()))
+        benchmarks.check_outputs(w, w.collapsekit(**inp), ref(**inp), inp)
+        checked += 1
+        del inp
+    assert checked > 0

@@ -16,6 +16,8 @@ import triton.language as tl
 
 from torch.library import wrap_triton
 
+from ._common import acc_dtype, interpreting, tl_acc
+
 
 @triton.jit
 def etf_logits_fwd_kernel(
@@ -121,25 +123,17 @@ TILES = {"fwd": (128, 128, 32, 8), "grad_h": (64, 64, 32, 4), "grad_e": (64, 64,
 INTERPRET_TILES = 16  # the interpreter runs numpy per program: small tiles, few programs
 
 
-def _interpret(t: torch.Tensor) -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" and t.device.type == "cpu"
-
-
 def _dot(dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}.get(dtype, tl.float32)
 
 
-def _acc(dtype):
-    """fp64 inputs accumulate in fp64, everything else in fp32 (DESIGN.md, Numerics)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+_acc = tl_acc
 
 
 def _params(h: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
     """[scale, eps] in the accumulation dtype: a pointer argument, so fp64 runs keep fp64 scalars
     (a Python float argument would reach the kernel as fp32)."""
-    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(h.dtype)
     return torch.tensor([scale, eps], dtype=dt, device=h.device)
 
 
@@ -151,7 +145,7 @@ def forward(h: torch.Tensor, etf: torch.Tensor, scale: float, eps: float) -> tor
     if n == 0 or c == 0:
         return out
     bm, bc, bd, nw = TILES["fwd"]
-    if _interpret(h):
+    if interpreting(h):
         bm = bc = bd = INTERPRET_TILES
     wrap_triton(etf_logits_fwd_kernel)[(triton.cdiv(n, bm), triton.cdiv(c, bc))](
         h, etf, out, _params(h, scale, eps), n, c, d, h.stride(0), h.stride(1), etf.stride(0), etf.stride(1),
@@ -161,11 +155,11 @@ def forward(h: torch.Tensor, etf: torch.Tensor, scale: float, eps: float) -> tor
 
 def row_inv_norms(h: torch.Tensor, eps: float) -> torch.Tensor:
     n, d = h.shape
-    inv = torch.empty(n, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
+    inv = torch.empty(n, dtype=acc_dtype(h.dtype), device=h.device)
     if n == 0:
         return inv
     bm, bd, nw = TILES["norms"]
-    if _interpret(h):
+    if interpreting(h):
         bm = bd = INTERPRET_TILES
     wrap_triton(row_inv_norms_kernel)[(triton.cdiv(n, bm),)](
         h, inv, _params(h, 1.0, eps), n, d, h.stride(0), h.stride(1), ACC=_acc(h.dtype), BLOCK_M=bm, BLOCK_D=bd, num_warps=nw)
@@ -179,14 +173,14 @@ def backward(grad: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, etf: tor
     n, d = h.shape
     c = etf.shape[0]
     gh = torch.zeros(n, d, dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
-    gdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    gdt = acc_dtype(h.dtype)
     ge = torch.zeros(c, d, dtype=gdt, device=h.device) if need_etf else h.new_empty(0, dtype=gdt)
     if n == 0 or c == 0 or d == 0:
         return gh, ge
     inv = row_inv_norms(h, eps)
     par = _params(h, scale, eps)
     dot, acc = _dot(h.dtype), _acc(h.dtype)
-    interp = _interpret(h)
+    interp = interpreting(h)
     if need_h:
         bm, bc, bd, nw = TILES["grad_h"]
         if interp:

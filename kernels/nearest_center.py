@@ -12,6 +12,8 @@ import triton.language as tl
 
 from torch.library import wrap_triton
 
+from ._common import interpreting
+
 
 @triton.jit
 def nearest_center_kernel(
@@ -51,9 +53,7 @@ TILES = {"nearest_center": (64, 64, 32, 4)}  # rows, classes, columns per step, 
 def tile_argmin(features: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, alpha: float) -> torch.Tensor:
     """argmin_c offsets[c] + alpha * features · rows[c]: features [N, D] (fp16/bf16/fp32, any
     strides), rows [C, D] fp32 contiguous, offsets [C] fp32 -> [N] int64."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
+    interpret = interpreting(features)
     n, d = features.shape
     out = torch.zeros(n, dtype=torch.long, device=features.device)
     if n == 0:

@@ -9,6 +9,8 @@ import triton.language as tl
 
 from torch.library import wrap_triton
 
+from ._common import interpreting
+
 
 @triton.jit
 def pairwise_tile_kernel(
@@ -60,9 +62,7 @@ TILES = {"pairwise": (32, 128, 4)}
 
 def pairwise_tile_sums(gram, n2a, n2b, va, vb, strict_upper: bool, inv_k1: float, out):
     """out[6] (fp64) += the pair sums of one Gram tile (see csrc/pairwise.cpp for the terms)."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and gram.device.type == "cpu"
+    interpret = interpreting(gram)
     ta, tb = gram.shape
     ba, bb, nw = TILES["pairwise"]
     if interpret:

@@ -23,6 +23,8 @@ import triton.language as tl
 
 from torch.library import wrap_triton
 
+from ._common import acc_dtype, interpreting, tl_acc
+
 
 @triton.jit
 def _segmented_add(v1, k1, v2, k2):
@@ -159,19 +161,17 @@ def class_sums(features: torch.Tensor, labels: torch.Tensor, weights, num_classe
 
     Returns (sums [C, D], counts [C]) in the accumulation dtype. ``block_m``, ``block_d`` and
     ``num_warps`` override the tile defaults (for bench/tune_scatter.py)."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
+    interpret = interpreting(features)
     n, d = features.shape
     k = labels.shape[1]
-    acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    sums = torch.zeros(num_classes, d, dtype=acc_dtype, device=features.device)
-    counts = torch.zeros(num_classes, dtype=acc_dtype, device=features.device)
+    acc_t = acc_dtype(features.dtype)
+    acc = tl_acc(acc_t)
+    sums = torch.zeros(num_classes, d, dtype=acc_t, device=features.device)
+    counts = torch.zeros(num_classes, dtype=acc_t, device=features.device)
     if n == 0:
         return sums, counts
     if weights is not None:
-        weights = weights.to(acc_dtype)  # [N, K] (or a stride-0 view of [N]); small
+        weights = weights.to(acc_t)  # [N, K] (or a stride-0 view of [N]); small
     w_arg = weights if weights is not None else counts  # any valid pointer; unused
     ws0, ws1 = (weights.stride(0), weights.stride(1)) if weights is not None else (0, 0)
     if path == "auto":

@@ -11,6 +11,8 @@ import triton.language as tl
 
 from torch.library import wrap_triton
 
+from ._common import interpreting, tl_acc
+
 
 @triton.jit
 def within_class_variance_kernel(
@@ -45,18 +47,16 @@ TILES = {"variance": (32, 128, 4)}
 def within_class_variance(features: torch.Tensor, labels: torch.Tensor, weights, means: torch.Tensor):
     """features [N, D] (any strides), labels [N, K], weights [N, K] or None, means [C, D]
     contiguous in the accumulation dtype. Returns V [C] in the accumulation dtype."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
+    interpret = interpreting(features)
     n, d = features.shape
     k = labels.shape[1]
     c = means.shape[0]
-    acc_dtype = means.dtype
-    out = torch.zeros(c, dtype=acc_dtype, device=features.device)
+    acc_t = means.dtype
+    out = torch.zeros(c, dtype=acc_t, device=features.device)
     if n == 0:
         return out
     if weights is not None:
-        weights = weights.to(acc_dtype)
+        weights = weights.to(acc_t)
     w_arg = weights if weights is not None else out
     ws0, ws1 = (weights.stride(0), weights.stride(1)) if weights is not None else (0, 0)
     bn, bd, nw = TILES["variance"]
@@ -65,7 +65,7 @@ def within_class_variance(features: torch.Tensor, labels: torch.Tensor, weights,
     wrap_triton(within_class_variance_kernel)[(triton.cdiv(n, bn),)](
         features, labels, w_arg, means, out, n, d, k, c,
         features.stride(0), features.stride(1), labels.stride(0), labels.stride(1), ws0, ws1,
-        HAS_WEIGHTS=weights is not None, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        HAS_WEIGHTS=weights is not None, ACC=tl_acc(acc_t),
         BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
     return out
 
@@ -99,9 +99,7 @@ TILES["center"] = (32, 128, 4)
 
 def center_rows(features, labels, weights, means, out, out_weights):
     """out[:R] = features - means[labels]; labels [R] (one soft-label column), weights [R] or None."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
+    interpret = interpreting(features)
     r, d = features.shape
     bn, bd, nw = TILES["center"]
     if interpret:
@@ -112,7 +110,7 @@ def center_rows(features, labels, weights, means, out, out_weights):
         features, labels, weights if weights is not None else out_weights, means, out, out_weights,
         r, d, means.shape[0], features.stride(0), features.stride(1), labels.stride(0),
         weights.stride(0) if weights is not None else 0,
-        HAS_WEIGHTS=weights is not None, ACC=tl.float64 if means.dtype == torch.float64 else tl.float32,
+        HAS_WEIGHTS=weights is not None, ACC=tl_acc(means.dtype),
         BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
 
 
@@ -157,18 +155,16 @@ TILES["covariance"] = (64, 64, 4)  # (rows per step, output block, warps): not y
 def within_class_covariance(features, labels, weights, means, splits=None):
     """Fused-centring covariance: features [N, D], labels [N, K], weights [N, K] or None, means
     [C, D] contiguous in the accumulation dtype. Returns S_W [D, D] in that dtype (not symmetrised)."""
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" and features.device.type == "cpu"
+    interpret = interpreting(features)
     n, d = features.shape
-    acc_dtype = means.dtype
-    out = torch.zeros(d, d, dtype=acc_dtype, device=features.device)
+    acc_t = means.dtype
+    out = torch.zeros(d, d, dtype=acc_t, device=features.device)
     if n == 0 or d == 0:
         return out
     bk, bd, nw = TILES["covariance"]
     if interpret:
         bk, bd = 16, 16
-    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    acc = tl_acc(acc_t)
     # products in the feature dtype for fp16/bf16 (what a bf16 torch.mm does), else in ACC (IEEE)
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(features.dtype, acc)
     blocks = triton.cdiv(d, bd)
@@ -178,7 +174,7 @@ def within_class_covariance(features, labels, weights, means, splits=None):
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), bk) * bk
     splits = triton.cdiv(n, rows_per_split)
     if weights is not None:
-        weights = weights.to(acc_dtype)
+        weights = weights.to(acc_t)
     for k in range(labels.shape[1]):
         lab = labels[:, k]
         wk = None if weights is None else weights[:, k]

@@ -1,11 +1,11 @@
-"""collapse_metrics / CollapseAccumulator.metrics against DESIGN.md's formulas written out in fp64."""
+"""collapse_metrics / CollapseAccumulator.metrics against docs/design.md's formulas written out in fp64."""
 import math
 
 import pytest
 import torch
 
 import collapsekit as ck
-from collapsekit import metrics as M
+from collapsekit.ops import pairwise
 from collapsekit import reference as ref
 
 KEYS = ["nc1", "nc1_quotient", "cdnv", "nc2_equinorm", "nc2_equiangle", "nc2_coherence", "gnc2", "etf_error"]
@@ -40,7 +40,7 @@ def check(got, want, keys, rtol=1e-7):
 def test_against_reference(n, d, c, soft, monkeypatch):
     # small tiles: several Gram tiles, row tiles and class tiles, ragged edges
     from collapsekit.ops import nearest_center as ncc_mod
-    monkeypatch.setattr(M, "PAIR_TILE", 7)
+    monkeypatch.setattr(pairwise, "PAIR_TILE", 7)
     monkeypatch.setattr(ncc_mod, "ROW_TILE", 53)
     monkeypatch.setattr(ncc_mod, "CLASS_TILE", 6)
     h, y, weight, bias, w = make(n, d, c, 0, soft)
@@ -117,69 +117,6 @@ def test_metric_errors():
     assert "nc1" not in ck.collapse_metrics(h, y, 5, covariance=False)
 
 
-def _tile_argmin_device(backend, monkeypatch, row_tile, class_tile):
-    """Device for a kernel test (skip without triton), with small tiles so several are used."""
-    from conftest import HAS_CUDA, HAS_TRITON
-    from collapsekit.ops import nearest_center as ncc_mod
-    if backend == "triton" and not HAS_TRITON:
-        pytest.skip("needs triton")
-    monkeypatch.setattr(ncc_mod, "ROW_TILE", row_tile)
-    monkeypatch.setattr(ncc_mod, "CLASS_TILE", class_tile)
-    return "cuda" if (backend == "triton" and HAS_CUDA) else "cpu"
-
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_nearest_class_center(backend, dtype, monkeypatch):
-    device = _tile_argmin_device(backend, monkeypatch, 37, 5)
-    g = torch.Generator().manual_seed(5)
-    means = torch.randn(23, 7, generator=g, dtype=torch.float64)
-    means[17] = means[4]  # an exact duplicate: ties go to the lower index
-    h = torch.cat([means[[4, 17, 9]], torch.randn(200, 7, generator=g, dtype=torch.float64)])
-    h, means = h.to(dtype), means.to(dtype)  # the reference sees the same rounded values
-    got = ck.nearest_class_center(h.to(device), means.to(device), backend=backend).cpu()
-    want = ck.nearest_class_center(h, means, backend="reference")
-    assert got.dtype == torch.int64
-    # a different center only where it is as near up to rounding (e.g. the duplicate of class 4)
-    d = torch.stack([(h.double() - m).pow(2).sum(1) for m in means.double()], 1)
-    rows = torch.arange(len(h))
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2}[dtype]
-    assert (d[rows, got] - d[rows, want]).abs().max() < tol
-    assert (got == want).float().mean() > 0.9
-    assert got[0] == 4 and got[1] == 4 and got[2] == 9
-    mask = torch.ones(23, dtype=torch.bool)
-    mask[[4, 9]] = False
-    got = ck.nearest_class_center(h.to(device), means.to(device), mask.to(device), backend=backend).cpu()
-    assert got[0] == 17 and not mask[got].logical_not().any()
-    want = ck.nearest_class_center(h, means, mask, backend="reference")
-    assert (d[rows, got] - d[rows, want]).abs().max() < tol
-    with pytest.raises(ValueError, match="classes selects none"):
-        ck.nearest_class_center(h, means, torch.zeros(23, dtype=torch.bool))
-    with pytest.raises(ValueError, match="bool mask of shape"):
-        ck.nearest_class_center(h, means, torch.ones(22, dtype=torch.bool))
-    with pytest.raises(ValueError, match="means has D=6 columns"):
-        ck.nearest_class_center(h, means[:, :6])
-    assert ck.nearest_class_center(h[:0].to(device), means.to(device), backend=backend).shape == (0,)
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pairwise_tile_kernels_match_torch(backend, dtype):
-    from conftest import HAS_CUDA, HAS_TRITON
-    if backend == "triton" and not HAS_TRITON:
-        pytest.skip("needs triton")
-    device = "cuda" if (backend == "triton" and HAS_CUDA) else "cpu"
-    g = torch.Generator().manual_seed(6)
-    m = torch.randn(45, 9, generator=g, dtype=torch.float64)
-    centred = (m - m.mean(0)).to(dtype).to(device)
-    var = torch.rand(45, generator=g, dtype=torch.float64).to(device)
-    want = M.pairwise_geometry(centred, var, tile=13, backend="reference")
-    got = M.pairwise_geometry(centred, var, tile=13, backend=backend)
-    assert want["pairs"] == 45 * 44 / 2
-    for key in want:
-        tol = 1e-5 if (backend == "triton" and key == "log_kernel") else 1e-9  # fp32 log in Triton
-        assert got[key] == pytest.approx(want[key], rel=tol), key
-
-
 def test_single_present_class_has_no_geometry_keys():
     h = torch.randn(20, 3, dtype=torch.float64)
     w = torch.randn(4, 3, dtype=torch.float64)
@@ -190,26 +127,3 @@ def test_single_present_class_has_no_geometry_keys():
     # the only center is class 0: nc4 is the fraction of rows the classifier sends elsewhere
     assert got["nc4"] == pytest.approx(float(((h @ w.t()).argmax(1) != 0).double().mean()))
     assert got["per_class"]["weight_norms"].shape == (4,)
-
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_classifier_decisions(backend, with_bias, monkeypatch):
-    from collapsekit.ops import nearest_center as ncc_mod
-    device = _tile_argmin_device(backend, monkeypatch, 29, 4)
-    g = torch.Generator().manual_seed(8)
-    w = torch.randn(19, 6, generator=g)
-    w[11] = w[2]  # duplicate row: exact ties go to class 2
-    b = torch.randn(19, generator=g) if with_bias else None
-    if b is not None:
-        b[11] = b[2]
-    h = torch.randn(150, 6, generator=g)
-    got = ncc_mod.classifier_decisions(h.to(device), w.to(device), None if b is None else b.to(device),
-                                       backend=backend).cpu()
-    logits = h.double() @ w.double().t() + (0 if b is None else b.double())
-    want = logits.argmax(1)
-    rows = torch.arange(150)
-    assert (logits[rows, got] - logits[rows, want]).abs().max() < 1e-4
-    assert (got == want).float().mean() > 0.9
-    with pytest.raises(ValueError, match=r"bias must be \[C\]"):
-        ncc_mod.classifier_decisions(h, w, torch.zeros(3))

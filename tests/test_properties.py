@@ -178,7 +178,7 @@ def test_ssd_scan_cpp_matches_reference(b, l, h, p, n, gsel, chunk, opts, dtype,
        one_class=st.booleans(), classifier=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_collapse_metrics_match_the_literal_formulas(n, d, c, one_class, classifier, seed):
     """Huge C with few samples (most classes absent), all-one-class and C = 1 included: the tiled
-    metrics equal DESIGN.md's formulas written out with full grids, key for key."""
+    metrics equal docs/design.md's formulas written out with full grids, key for key."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, d, generator=g, dtype=torch.float64)
     labels = torch.full((n,), c - 1) if one_class else torch.randint(0, c, (n,), generator=g)

@@ -1,6 +1,6 @@
 """collapsekit: fast measurement and shaping of collapse in neural networks.
 
-Ops (see DESIGN.md / docs/): class_sums, class_means, ...; every op takes
+Ops (see docs/design.md / docs/): class_sums, class_means, ...; every op takes
 ``backend="auto" | "reference" | "cpp" | "triton"``.
 """
 from . import reference

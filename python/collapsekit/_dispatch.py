@@ -12,9 +12,10 @@ Every public op takes ``backend="auto" | "reference" | "cpp" | "triton"``:
 Triton is imported lazily, so ``import collapsekit`` and every CPU op work without it.
 """
 import importlib
-import os
 
 import torch
+
+from . import _library
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -23,9 +24,7 @@ FLOAT_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 INDEX_CODES = {torch.int32: 0, torch.int64: 1}
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16/fp32 accumulate in fp32; fp64 in fp64 (DESIGN.md, Numerics)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+accumulation_dtype = _library.acc_dtype  # the rule lives in _library
 
 
 _C = None
@@ -44,16 +43,8 @@ def cpp():
     return _C
 
 
-def triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+triton_available = _library.triton_installed
+interpreter_enabled = _library.interpreter_enabled
 
 
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:

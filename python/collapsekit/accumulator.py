@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from . import _validate
-from .ops.class_sums import _class_sums_acc
+from .ops.class_sums import class_sums_acc
 from .ops.within_class import within_class_covariance, within_class_variance
 
 _TOTALS = ("sums", "counts", "variance_sums", "covariance_sum", "decisions")
@@ -106,7 +106,7 @@ class CollapseAccumulator:
             raise RuntimeError(f"{op}: pass 2 (update_variance) has started and the means are frozen; "
                                "start a new accumulator (or load a state saved during pass 1)")
         self._check(features, labels, weights, op)
-        sums, counts = _class_sums_acc(features, labels, self.num_classes, weights, False, "auto", "auto", op)
+        sums, counts = class_sums_acc(features, labels, self.num_classes, weights, False, "auto", "auto", op)
         self._local["sums"] += sums.to(self.device, torch.float64)
         self._local["counts"] += counts.to(self.device, torch.float64)
         self.batches["means"] += 1

@@ -42,7 +42,7 @@ def _apply_qt(w: Tensor) -> Tensor:
     return hw[:-1]
 
 
-def _check_etf_size(c: int, d: int, op: str) -> None:
+def check_etf_size(c: int, d: int, op: str) -> None:
     if c < 2:
         raise ValueError(f"{op}: a simplex ETF needs at least 2 classes, got num_classes={c}")
     if c - 1 > d:
@@ -66,7 +66,7 @@ def simplex_etf(num_classes: int, dim: int, *, generator: Optional[torch.Generat
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     c, d = num_classes, dim
-    _check_etf_size(c, d, op)
+    check_etf_size(c, d, op)
     if dtype not in _validate.FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be a floating dtype, got {dtype}")
     g = torch.randn(d, c - 1, generator=generator, dtype=torch.float64)
@@ -91,7 +91,7 @@ def nearest_etf(weight: Tensor) -> Tensor:
     op = "nearest_etf"
     _validate.floating(weight, "weight", op, ndim=2)
     c, d = weight.shape
-    _check_etf_size(c, d, op)
+    check_etf_size(c, d, op)
     w = weight.detach().double()
     m = _apply_qt(w).t()  # [D, C−1] = Wᵀ Q
     p, sig, rh = torch.linalg.svd(m, full_matrices=False)

@@ -1,4 +1,4 @@
-"""Neural-collapse metrics (DESIGN.md, "Streaming and metrics") from accumulated totals.
+"""Neural-collapse metrics (docs/design.md, "Streaming and metrics") from accumulated totals.
 
 Everything here is computed from the fp64 totals of a :class:`CollapseAccumulator` (counts, class
 sums, per-class ``V_c``, the within-class scatter) plus, for NC3/NC4, the classifier and the
@@ -8,81 +8,16 @@ arg-min / arg-max. Conventions follow the neural-collapse library of Wu & Papyan
 mean is the unweighted mean of the present classes' means, CDNV uses distance exponent 1, NC1 uses
 the pseudo-inverse of the between-class covariance.
 
-The pairwise sweep reduces each BLAS Gram tile with a fused C++ (CPU) or Triton (CUDA) kernel;
-NC4's decisions come from the fused tile arg-min kernels of ops/nearest_center.py.
+The kernels live in the op families: the pairwise sweep is ops/pairwise.py (BLAS Gram tiles, each
+reduced by a fused C++ or Triton pass), NC4's decisions come from the fused tile arg-min kernels of
+ops/nearest_center.py. This module holds only formulas on accumulated totals.
 """
 import math
 from typing import Any, Dict, Optional
 
 import torch
 
-PAIR_TILE = 2048     # classes per side of a Gram tile: 2048^2 fp64 = 32 MiB
-
-
-_PAIR_KEYS = ("pairs", "cos", "cos2", "coherence", "log_kernel", "cdnv")
-
-
-def _tile_sums_torch(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
-    """The pair terms of one Gram tile with torch ops (the reference for the kernels)."""
-    g = g.double()
-    mask = torch.ones_like(g, dtype=torch.bool)
-    if strict_upper:
-        mask = mask.triu(1)
-    cos = g / (n2a.sqrt()[:, None] * n2b.sqrt()[None, :])
-    terms = [mask.double(), cos, cos * cos, (cos + inv_k1).abs(),
-             -0.5 * torch.log((2 - 2 * cos).clamp_min(1e-300))]
-    if va is not None:
-        d2 = (n2a[:, None] + n2b[None, :] - 2 * g).clamp_min(0)
-        terms.append((va[:, None] + vb[None, :]) / (2 * d2))
-    for i, t in enumerate(terms):
-        out[i] += t[mask].sum()
-
-
-def _tile_sums_cpp(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
-    from . import _dispatch
-
-    _dispatch.cpp().pairwise_tile_sums(
-        g.data_ptr(), _dispatch.FLOAT_CODES[g.dtype], g.shape[0], g.shape[1], g.stride(0),
-        n2a.data_ptr(), n2b.data_ptr(), 0 if va is None else va.data_ptr(), 0 if vb is None else vb.data_ptr(),
-        int(strict_upper), inv_k1, out.data_ptr(), _dispatch.num_threads())
-
-
-def _tile_sums_triton(g, n2a, n2b, va, vb, strict_upper, inv_k1, out):
-    from .kernels import pairwise
-
-    pairwise.pairwise_tile_sums(g, n2a, n2b, va, vb, strict_upper, inv_k1, out)
-
-
-def pairwise_geometry(centred: torch.Tensor, variances: Optional[torch.Tensor] = None,
-                      tile: Optional[int] = None, backend: str = "auto") -> Dict[str, float]:
-    """One sweep over the pairs c < c' of the rows of ``centred`` ([K, D], the centred means of the
-    present classes) returning the pair sums behind cdnv, nc2_equiangle, nc2_coherence and gnc2.
-
-    Gram tiles ``[tile, tile]`` of the upper triangle come from the device's BLAS in the input
-    dtype; each tile is reduced in one fused pass (C++ on CPU, Triton on CUDA, torch ops for
-    ``backend="reference"``) into fp64 sums. Memory O(tile²)."""
-    from . import _dispatch
-
-    tile = tile or PAIR_TILE
-    k = centred.shape[0]
-    if backend == "reference":
-        reduce = _tile_sums_torch
-    else:
-        resolved = _dispatch.resolve_backend(backend, centred.device, "pairwise_geometry")
-        reduce = {"cpp": _tile_sums_cpp, "triton": _tile_sums_triton, "reference": _tile_sums_torch}[resolved]
-    c32 = centred if centred.dtype in (torch.float32, torch.float64) else centred.float()
-    n2 = c32.double().pow(2).sum(1)
-    var = None if variances is None else variances.to(centred.device, torch.float64).contiguous()
-    out = torch.zeros(6, dtype=torch.float64, device=centred.device)
-    inv_k1 = 1.0 / (k - 1) if k > 1 else 0.0
-    for a0 in range(0, k, tile):
-        a1 = min(k, a0 + tile)
-        for b0 in range(a0, k, tile):
-            b1 = min(k, b0 + tile)
-            g = c32[a0:a1] @ c32[b0:b1].t()
-            reduce(g, n2[a0:a1], n2[b0:b1], None if var is None else var[a0:a1],
-                   None if var is None else var[b0:b1], a0 == b0, inv_k1, out)
-    return dict(zip(_PAIR_KEYS, (float(v) for v in out)))
+from .ops import pairwise
 
 
 def _nc1(centred: torch.Tensor, sigma_w: torch.Tensor, rtol: float = 1e-10) -> float:
@@ -118,10 +53,6 @@ def etf_error_of_rows(rows: torch.Tensor) -> float:
     return math.sqrt(max(val, 0.0))
 
 
-def _compute_dtype(features: torch.Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 def nearest_center_ids(features: torch.Tensor, means: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
     """For each row, ``class_ids[argmin_j ‖h − means[j]‖²]`` through :func:`nearest_class_center`
     (tiled, no [N, C] in memory)."""
@@ -143,7 +74,7 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
                         covariance_sum: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
                         bias: Optional[torch.Tensor] = None, decisions: Optional[torch.Tensor] = None
                         ) -> Dict[str, Any]:
-    """All DESIGN.md metric keys from fp64 totals. Absent classes (counts == 0) are excluded;
+    """All docs/design.md metric keys from fp64 totals. Absent classes (counts == 0) are excluded;
     keys that need a classifier (nc3, nc3_cos, unc3), decisions (nc4) or the within-class scatter
     (nc1) are left out when those were not given."""
     present = counts != 0
@@ -157,7 +88,7 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
     mean_norms = centred.norm(dim=1)
     out: Dict[str, Any] = {"num_present": k}
     if k >= 2:
-        pw = pairwise_geometry(centred.float() if k > PAIR_TILE else centred, sigma2)
+        pw = pairwise.pairwise_geometry(centred.float() if k > pairwise.PAIR_TILE else centred, sigma2)
         p = pw["pairs"]
         mean_cos = pw["cos"] / p
         out["cdnv"] = pw["cdnv"] / p

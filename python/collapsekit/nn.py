@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from .etf import _check_etf_size, simplex_etf
+from .etf import check_etf_size, simplex_etf
 from .ops.etf_logits import etf_logits
 
 __all__ = ["ETFClassifier", "sparse_simplex_etf", "dot_regression_loss"]
@@ -38,7 +38,7 @@ def sparse_simplex_etf(num_classes: int, dim: int, sparsity: float, *, generator
     Deterministic for a given ``generator``; fp64 internally.
     """
     op = "sparse_simplex_etf"
-    _check_etf_size(num_classes, dim, op)
+    check_etf_size(num_classes, dim, op)
     if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
         raise ValueError(f"{op}: sparsity must be in [0, 1), got {sparsity!r}")
     c, d = num_classes, dim

@@ -131,6 +131,27 @@ def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return out
 
 
+def pairwise_geometry(centred: torch.Tensor, variances: Optional[torch.Tensor] = None) -> dict:
+    """The pair sums of ops/pairwise.py over the full K x K grid in fp64 (the test oracle): over
+    pairs c < c' of the rows of ``centred``: count, Σ cos, Σ cos², Σ |cos + 1/(K−1)|,
+    Σ −½ log(2 − 2 cos), and Σ (σ_c² + σ_c'²) / (2 ‖μ_c − μ_c'‖²) when ``variances`` is given."""
+    m = centred.double()
+    k = m.shape[0]
+    iu = torch.triu_indices(k, k, 1, device=m.device)
+    g = m @ m.t()
+    n2 = torch.diagonal(g)
+    cos = (g / (n2.sqrt()[:, None] * n2.sqrt()[None, :]))[iu[0], iu[1]]
+    inv_k1 = 1.0 / (k - 1) if k > 1 else 0.0
+    out = {"pairs": float(iu.shape[1]), "cos": float(cos.sum()), "cos2": float((cos * cos).sum()),
+           "coherence": float((cos + inv_k1).abs().sum()),
+           "log_kernel": float((-0.5 * torch.log((2 - 2 * cos).clamp_min(1e-300))).sum()), "cdnv": 0.0}
+    if variances is not None:
+        v = variances.double().to(m.device)
+        d2 = (n2[:, None] + n2[None, :] - 2 * g).clamp_min(0)[iu[0], iu[1]]
+        out["cdnv"] = float(((v[iu[0]] + v[iu[1]]) / (2 * d2)).sum())
+    return out
+
+
 def etf_logits(features: torch.Tensor, etf: torch.Tensor, scale: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
     """fp64 ``scale · (h / max(‖h‖, eps)) @ Eᵀ`` (``F.normalize`` semantics); differentiable."""
     h = features.double()

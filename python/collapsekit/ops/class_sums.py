@@ -1,19 +1,21 @@
 """class_sums / class_means: per-class weighted sums and means of feature rows.
 
-This module is the pattern every op family copies:
+The op pattern every family follows (docs/adding-an-op.md):
 
-1. ``_<op>_cpp``: a ``torch.library.custom_op`` whose CPU kernel is ``collapsekit._C``;
-2. ``_<op>_triton``: a ``torch.library.triton_op`` whose body launches the Triton kernels of
-   ``collapsekit.kernels.<family>`` through ``wrap_triton`` (torch.compile sees the kernels);
-3. ``register_fake`` for both (shapes only) and one ``register_autograd`` backward shared by both;
-4. the public function: validate -> resolve the backend -> call the op (or the reference).
+1. ``_check_op``: what the kernels index, checked at the registered op (shapes, dtypes), so a
+   direct ``torch.ops.collapsekit.*`` call can never go out of bounds;
+2. ``_outputs``: the one shape function, used by the real implementations and as the fake;
+3. ``_<op>_cpp`` (``_library.cpu_op``; kernel in ``collapsekit._C``) and ``_<op>_triton``
+   (``_library.triton_op``; launches ``collapsekit.kernels.<family>`` through ``wrap_triton``);
+4. one backward shared by both, registered with ``_library.register``;
+5. the public function: validate -> resolve the backend -> call the op (or the reference).
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate, reference
+from .. import _dispatch, _library, _validate, reference
 
 _PATHS_CPP = {"auto": 0, "sorted": 1, "direct": 2, "rows": 3}
 _PATHS_TRITON = ("auto", "sorted", "scan", "atomic")
@@ -24,13 +26,33 @@ _PATHS_TRITON = ("auto", "sorted", "scan", "atomic")
 # weights [N, K] (any floating dtype, any strides) or None. Outputs in the accumulation dtype.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("collapsekit::class_sums_cpp", mutates_args=())
+def _check_op(features, labels, weights, num_classes, path, paths, op="class_sums"):
+    _library.expect(op, "features", features, ndim=2, dtypes=_library.FLOAT_DTYPES)
+    n = features.shape[0]
+    _library.expect(op, "labels", labels, ndim=2, dtypes=_library.INDEX_DTYPES)
+    if labels.shape[0] != n:
+        raise ValueError(f"{op} (registered op): labels must have shape ({n}, K), got {tuple(labels.shape)}")
+    _library.expect(op, "weights", weights, shape=tuple(labels.shape), dtypes=_library.FLOAT_DTYPES, optional=True)
+    if num_classes < 1:
+        raise ValueError(f"{op} (registered op): num_classes must be >= 1, got {num_classes}")
+    if path not in paths:
+        raise ValueError(f"{op} (registered op): path must be one of {tuple(paths)}, got {path!r}")
+
+
+def _outputs(features, labels, weights, num_classes, path):
+    """(sums [C, D], counts [C]) in the accumulation dtype, on the features' device."""
+    acc = _library.acc_dtype(features.dtype)
+    return (features.new_empty(num_classes, features.shape[1], dtype=acc),
+            features.new_empty(num_classes, dtype=acc))
+
+
+@_library.cpu_op("class_sums_cpp")
 def _class_sums_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], num_classes: int,
                     path: str) -> Tuple[Tensor, Tensor]:
-    acc = _dispatch.accumulation_dtype(features.dtype)
+    _check_op(features, labels, weights, num_classes, path, _PATHS_CPP)
+    acc = _library.acc_dtype(features.dtype)
     n, d = features.shape
-    sums = torch.empty(num_classes, d, dtype=acc)
-    counts = torch.empty(num_classes, dtype=acc)
+    sums, counts = _outputs(features, labels, weights, num_classes, path)
     if weights is not None:
         weights = weights.to(acc)  # [N, K]; small. Stride-0 views stay views.
     _dispatch.cpp().class_sums(
@@ -44,23 +66,13 @@ def _class_sums_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor],
 
 def _class_sums_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], num_classes: int,
                             path: str) -> Tuple[Tensor, Tensor]:
+    _check_op(features, labels, weights, num_classes, path, _PATHS_TRITON)
     from ..kernels import scatter  # imports triton: only on the first Triton call
 
     return scatter.class_sums(features, labels, weights, num_classes, path)
 
 
-if hasattr(torch.library, "triton_op"):  # torch >= 2.6
-    _class_sums_triton = torch.library.triton_op("collapsekit::class_sums_triton", _class_sums_triton_impl,
-                                                 mutates_args=())
-else:  # torch 2.4/2.5: an opaque custom op (torch.compile cannot look inside, but it works)
-    _class_sums_triton = torch.library.custom_op("collapsekit::class_sums_triton", _class_sums_triton_impl,
-                                                 mutates_args=())
-
-
-def _fake(features, labels, weights, num_classes, path):
-    acc = _dispatch.accumulation_dtype(features.dtype)
-    return (features.new_empty(num_classes, features.shape[1], dtype=acc),
-            features.new_empty(num_classes, dtype=acc))
+_class_sums_triton = _library.triton_op("class_sums_triton", _class_sums_triton_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,20 +114,19 @@ def _backward(ctx, grad_sums, grad_counts):
     return grad_features, None, grad_weights, None, None
 
 
-for _op in (_class_sums_cpp, _class_sums_triton):
-    _op.register_fake(_fake)
-    _op.register_autograd(_backward, setup_context=_setup_context)
+_library.register((_class_sums_cpp, _class_sums_triton), fake=_outputs, backward=_backward,
+                  setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def _class_sums_acc(features, labels, num_classes, weights, check, backend, path, op):
+def class_sums_acc(features, labels, num_classes, weights, check, backend, path, op):
     """Validated dispatch; returns (sums, counts) in the accumulation dtype."""
     labels2, weights2 = _validate.class_labels(features, labels, weights, num_classes, op, check)
     backend = _dispatch.resolve_backend(backend, features.device, op)
-    acc = _dispatch.accumulation_dtype(features.dtype)
+    acc = _library.acc_dtype(features.dtype)
     if backend == "reference":
         sums, counts = reference.class_sums(features, labels, num_classes, weights)
         return sums.to(acc), counts.to(acc)
@@ -149,7 +160,7 @@ def class_sums(features: Tensor, labels: Tensor, num_classes: int, weights: Opti
         ``features`` (accumulated in fp32, fp64 for fp64) and ``counts[c] = Σ_{y_ik = c} w_ik``
         in the accumulation dtype. Differentiable in ``features`` and ``weights``.
     """
-    sums, counts = _class_sums_acc(features, labels, num_classes, weights, check, backend, path, "class_sums")
+    sums, counts = class_sums_acc(features, labels, num_classes, weights, check, backend, path, "class_sums")
     return sums.to(features.dtype), counts
 
 
@@ -161,7 +172,7 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int, weights: Opt
     ``means[c] = sums[c] / counts[c]`` (divided in the accumulation dtype, returned in the dtype of
     ``features``) and a zero row for absent classes (``counts[c] == 0``).
     """
-    sums, counts = _class_sums_acc(features, labels, num_classes, weights, check, backend, path, "class_means")
+    sums, counts = class_sums_acc(features, labels, num_classes, weights, check, backend, path, "class_means")
     safe = torch.where(counts != 0, counts, torch.ones_like(counts))
     # in place: a second [C, D] buffer would cost as much as the scatter at large C
     return sums.div_(safe[:, None]).to(features.dtype), counts

@@ -20,7 +20,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _library, _validate
+from .._tiles import row_tiles
 
 # Rows per CPU tile. Measured at N=65536, D=1024, C=1000 fp32 (2-core VM): 128 rows 0.93 s,
 # 256 0.87 s, 512-2048 0.79-0.80 s; the bare GEMM h @ Eᵀ 0.74 s. The [1024, D] buffer is the only
@@ -30,24 +31,39 @@ ROW_TILE = 1024
 
 # ----------------------------------------------------------------------------------- cpp ------
 
-def _row_tiles(n: int):
-    for r0 in range(0, n, ROW_TILE):
-        yield r0, min(ROW_TILE, n - r0)
+def _check_op(features, etf, grad=None):
+    op = "etf_logits"
+    _library.expect(op, "features", features, ndim=2, dtypes=_library.FLOAT_DTYPES)
+    _library.expect(op, "etf", etf, shape=(-1, features.shape[1]), dtypes=_library.FLOAT_DTYPES)
+    if grad is not None:
+        _library.expect(op, "grad", grad, shape=(features.shape[0], etf.shape[0]), dtypes=_library.FLOAT_DTYPES)
 
 
-@torch.library.custom_op("collapsekit::etf_logits_cpp", mutates_args=())
+def _outputs(features, etf, scale, eps):
+    return features.new_empty(features.shape[0], etf.shape[0])
+
+
+def _backward_outputs(grad, logits, features, etf, scale, eps, need_features, need_etf):
+    acc = _library.acc_dtype(features.dtype)
+    gh = features.new_empty(features.shape) if need_features else features.new_empty(0)
+    ge = features.new_empty(etf.shape, dtype=acc) if need_etf else features.new_empty(0, dtype=acc)
+    return gh, ge
+
+
+@_library.cpu_op("etf_logits_cpp")
 def _etf_logits_cpp(features: Tensor, etf: Tensor, scale: float, eps: float) -> Tensor:
-    acc = _dispatch.accumulation_dtype(features.dtype)
+    _check_op(features, etf)
+    acc = _library.acc_dtype(features.dtype)
     n, d = features.shape
     c = etf.shape[0]
-    out = torch.empty(n, c, dtype=features.dtype)
+    out = _outputs(features, etf, scale, eps)
     if n == 0 or c == 0:
         return out
     et = etf.to(acc).t()  # [D, C]; a strided view is fine for BLAS
     buf = torch.empty(min(ROW_TILE, n), d, dtype=acc)
     tmp = None if features.dtype == acc else torch.empty(min(ROW_TILE, n), c, dtype=acc)
     C, code, nt = _dispatch.cpp(), _dispatch.FLOAT_CODES[features.dtype], _dispatch.num_threads()
-    for r0, r in _row_tiles(n):
+    for r0, r in row_tiles(n, ROW_TILE):
         h = features[r0:r0 + r]
         C.normalize_rows(h.data_ptr(), code, r, d, h.stride(0), h.stride(1), eps, scale, buf.data_ptr(), 0, nt)
         if tmp is None:
@@ -58,14 +74,15 @@ def _etf_logits_cpp(features: Tensor, etf: Tensor, scale: float, eps: float) -> 
     return out
 
 
-@torch.library.custom_op("collapsekit::etf_logits_backward_cpp", mutates_args=())
+@_library.cpu_op("etf_logits_backward_cpp")
 def _etf_logits_backward_cpp(grad: Tensor, logits: Tensor, features: Tensor, etf: Tensor, scale: float, eps: float,
                              need_features: bool, need_etf: bool) -> Tuple[Tensor, Tensor]:
-    acc = _dispatch.accumulation_dtype(features.dtype)
+    _check_op(features, etf, grad)
+    acc = _library.acc_dtype(features.dtype)
     n, d = features.shape
     c = etf.shape[0]
-    gh = torch.empty(n, d, dtype=features.dtype) if need_features else features.new_empty(0)
-    ge = torch.zeros(c, d, dtype=acc) if need_etf else features.new_empty(0, dtype=acc)
+    gh, ge = _backward_outputs(grad, logits, features, etf, scale, eps, need_features, need_etf)
+    ge.zero_()
     if n == 0 or c == 0 or d == 0:
         return gh.zero_(), ge
     e = etf.to(acc)
@@ -73,7 +90,7 @@ def _etf_logits_backward_cpp(grad: Tensor, logits: Tensor, features: Tensor, etf
     buf = torch.empty(rt, d, dtype=acc)
     gbuf = None if features.dtype == acc else torch.empty(rt, d, dtype=acc)
     C, code, nt = _dispatch.cpp(), _dispatch.FLOAT_CODES[features.dtype], _dispatch.num_threads()
-    for r0, r in _row_tiles(n):
+    for r0, r in row_tiles(n, ROW_TILE):
         h = features[r0:r0 + r]
         g = grad[r0:r0 + r].to(acc)
         if need_etf:  # ∂E += Gᵀ ĥ (scaled once at the end)
@@ -94,6 +111,7 @@ def _etf_logits_backward_cpp(grad: Tensor, logits: Tensor, features: Tensor, etf
 # -------------------------------------------------------------------------------- triton ------
 
 def _etf_logits_triton_impl(features: Tensor, etf: Tensor, scale: float, eps: float) -> Tensor:
+    _check_op(features, etf)
     from ..kernels import etf_logits as k
 
     return k.forward(features, etf, scale, eps)
@@ -101,29 +119,17 @@ def _etf_logits_triton_impl(features: Tensor, etf: Tensor, scale: float, eps: fl
 
 def _etf_logits_backward_triton_impl(grad: Tensor, logits: Tensor, features: Tensor, etf: Tensor, scale: float,
                                      eps: float, need_features: bool, need_etf: bool) -> Tuple[Tensor, Tensor]:
+    _check_op(features, etf, grad)
     from ..kernels import etf_logits as k
 
     return k.backward(grad, logits, features, etf, scale, eps, need_features, need_etf)
 
 
-_op = getattr(torch.library, "triton_op", torch.library.custom_op)  # torch 2.4/2.5: opaque custom op
-_etf_logits_triton = _op("collapsekit::etf_logits_triton", _etf_logits_triton_impl, mutates_args=())
-_etf_logits_backward_triton = _op("collapsekit::etf_logits_backward_triton", _etf_logits_backward_triton_impl,
-                                  mutates_args=())
+_etf_logits_triton = _library.triton_op("etf_logits_triton", _etf_logits_triton_impl)
+_etf_logits_backward_triton = _library.triton_op("etf_logits_backward_triton", _etf_logits_backward_triton_impl)
 
 
 # ------------------------------------------------------------------------ fake + autograd ------
-
-def _fake(features, etf, scale, eps):
-    return features.new_empty(features.shape[0], etf.shape[0])
-
-
-def _fake_backward(grad, logits, features, etf, scale, eps, need_features, need_etf):
-    acc = _dispatch.accumulation_dtype(features.dtype)
-    gh = features.new_empty(features.shape) if need_features else features.new_empty(0)
-    ge = features.new_empty(etf.shape, dtype=acc) if need_etf else features.new_empty(0, dtype=acc)
-    return gh, ge
-
 
 def _make_autograd(backward_op, save_logits: bool):
     def setup_context(ctx, inputs, output):
@@ -147,10 +153,9 @@ def _make_autograd(backward_op, save_logits: bool):
 
 for _fwd, _bwd, _save in ((_etf_logits_cpp, _etf_logits_backward_cpp, False),
                           (_etf_logits_triton, _etf_logits_backward_triton, True)):
-    _fwd.register_fake(_fake)
-    _bwd.register_fake(_fake_backward)
     _b, _s = _make_autograd(_bwd, _save)
-    _fwd.register_autograd(_b, setup_context=_s)
+    _library.register((_fwd,), fake=_outputs, backward=_b, setup_context=_s)
+    _library.register((_bwd,), fake=_backward_outputs)
 
 
 # -------------------------------------------------------------------------------- public ------

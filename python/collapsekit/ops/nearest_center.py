@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _library, _validate
+from .._tiles import row_tiles, score_tiles
 
 # 1024 x 1024 fp32 score tiles (4 MiB) stay in the last-level cache between the BLAS product and
 # the arg-min pass. Measured at N=50k, C=8192, D=512 on the 2-core CI-class VM: 4096 x 2048 tiles
@@ -27,25 +28,36 @@ CLASS_TILE = 1024
 # nearest class center (rows = μ, offsets = ‖μ‖², alpha = −2) and the classifier decision
 # (rows = W, offsets = −b, alpha = −1) are the same kernel.
 
-def _score_dtype(features: Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
+_score_dtype = _library.acc_dtype  # scores are computed in the accumulation dtype
 
 
-@torch.library.custom_op("collapsekit::tile_argmin_cpp", mutates_args=())
+def _check_op(features, rows, offsets, alpha):
+    op = "tile_argmin"
+    _library.expect(op, "features", features, ndim=2, dtypes=_library.FLOAT_DTYPES)
+    _library.expect(op, "rows", rows, shape=(-1, features.shape[1]), dtypes=_library.FLOAT_DTYPES)
+    _library.expect(op, "offsets", offsets, shape=(rows.shape[0],), dtypes=_library.FLOAT_DTYPES)
+    if rows.shape[0] < 1:
+        raise ValueError(f"{op} (registered op): rows must have at least one row")
+
+
+def _outputs(features, rows, offsets, alpha):
+    return features.new_empty(features.shape[0], dtype=torch.long)
+
+
+@_library.cpu_op("tile_argmin_cpp")
 def _tile_argmin_cpp(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float) -> Tensor:
-    dt = _score_dtype(features)
+    _check_op(features, rows, offsets, alpha)
+    dt = _score_dtype(features.dtype)
     v = rows.to(dt).contiguous()
     off = offsets.to(dt).contiguous()
     n = features.shape[0]
-    out = torch.zeros(n, dtype=torch.long)
+    out = _outputs(features, rows, offsets, alpha).zero_()
     C = _dispatch.cpp()
-    for r0 in range(0, n, ROW_TILE):
-        h = features[r0:r0 + ROW_TILE].to(dt)
-        r = h.shape[0]
+    for r0, r in row_tiles(n, ROW_TILE):
+        h = features[r0:r0 + r].to(dt)
         best = torch.full((r,), float("inf"), dtype=dt)
         idx = out[r0:r0 + r]
-        for c0 in range(0, v.shape[0], CLASS_TILE):
-            dots = h @ v[c0:c0 + CLASS_TILE].t()
+        for c0, dots in score_tiles(h, v, CLASS_TILE):
             C.argmin_tile_update(dots.data_ptr(), _dispatch.FLOAT_CODES[dt], r, dots.shape[1], dots.stride(0),
                                  off[c0:].data_ptr(), alpha, c0, best.data_ptr(), idx.data_ptr(),
                                  _dispatch.num_threads())
@@ -53,24 +65,25 @@ def _tile_argmin_cpp(features: Tensor, rows: Tensor, offsets: Tensor, alpha: flo
 
 
 def _tile_argmin_torch(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float) -> Tensor:
-    dt = _score_dtype(features)
+    dt = _score_dtype(features.dtype)
     v, off = rows.to(dt), offsets.to(dt)
     out = torch.empty(features.shape[0], dtype=torch.long, device=features.device)
-    for r0 in range(0, features.shape[0], ROW_TILE):
-        h = features[r0:r0 + ROW_TILE].to(dt)
+    for r0, r in row_tiles(features.shape[0], ROW_TILE):
+        h = features[r0:r0 + r].to(dt)
         best = arg = None
-        for c0 in range(0, v.shape[0], CLASS_TILE):
-            s_, i = torch.addmm(off[None, c0:c0 + CLASS_TILE], h, v[c0:c0 + CLASS_TILE].t(), alpha=alpha).min(1)
+        for c0, dots in score_tiles(h, v, CLASS_TILE):
+            s_, i = (off[None, c0:c0 + dots.shape[1]] + alpha * dots).min(1)
             if best is None:
                 best, arg = s_, i + c0
             else:
                 better = s_ < best
                 best, arg = torch.where(better, s_, best), torch.where(better, i + c0, arg)
-        out[r0:r0 + ROW_TILE] = arg
+        out[r0:r0 + r] = arg
     return out
 
 
 def _tile_argmin_triton_impl(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float) -> Tensor:
+    _check_op(features, rows, offsets, alpha)
     if features.dtype == torch.float64:  # no fp64 tensor-core product: BLAS tiles instead
         return _tile_argmin_torch(features, rows, offsets, alpha)
     from ..kernels import nearest_center
@@ -78,15 +91,8 @@ def _tile_argmin_triton_impl(features: Tensor, rows: Tensor, offsets: Tensor, al
     return nearest_center.tile_argmin(features, rows.float().contiguous(), offsets, alpha)
 
 
-if hasattr(torch.library, "triton_op"):
-    _tile_argmin_triton = torch.library.triton_op("collapsekit::tile_argmin_triton", _tile_argmin_triton_impl,
-                                                  mutates_args=())
-else:
-    _tile_argmin_triton = torch.library.custom_op("collapsekit::tile_argmin_triton", _tile_argmin_triton_impl,
-                                                  mutates_args=())
-
-for _op in (_tile_argmin_cpp, _tile_argmin_triton):
-    _op.register_fake(lambda features, rows, offsets, alpha: features.new_empty(features.shape[0], dtype=torch.long))
+_tile_argmin_triton = _library.triton_op("tile_argmin_triton", _tile_argmin_triton_impl)
+_library.register((_tile_argmin_cpp, _tile_argmin_triton), fake=_outputs)  # an index: no autograd
 
 
 def _tile_argmin(features: Tensor, rows: Tensor, offsets: Tensor, alpha: float, backend: str, op: str) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate, reference
+from .. import _dispatch, _library, _validate, reference
 
 # States are stored every CHECKPOINT_STEPS steps for the backward (memory batch*dim*N*ceil(L/K));
 # the backward recomputes the K states of one segment at a time. Read at call time (tests lower it).
@@ -184,12 +184,8 @@ def _bwd_triton_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return k.backward(u, delta, A, B, C, D, z, delta_bias, ckpt, gout, glast, gnorms, softplus, chunk)
 
 
-if hasattr(torch.library, "triton_op"):  # torch >= 2.6
-    _fwd_triton = torch.library.triton_op("collapsekit::selective_scan_fwd_triton", _fwd_triton_impl, mutates_args=())
-    _bwd_triton = torch.library.triton_op("collapsekit::selective_scan_bwd_triton", _bwd_triton_impl, mutates_args=())
-else:  # torch 2.4/2.5
-    _fwd_triton = torch.library.custom_op("collapsekit::selective_scan_fwd_triton", _fwd_triton_impl, mutates_args=())
-    _bwd_triton = torch.library.custom_op("collapsekit::selective_scan_bwd_triton", _bwd_triton_impl, mutates_args=())
+_fwd_triton = _library.triton_op("selective_scan_fwd_triton", _fwd_triton_impl)
+_bwd_triton = _library.triton_op("selective_scan_bwd_triton", _bwd_triton_impl)
 
 
 def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, want_norms, save, chunk):

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _library, _validate
 
 INF = float("inf")
 
@@ -134,10 +134,8 @@ def _ssd_scan_backward_triton_impl(gout: Tensor, gfinal: Optional[Tensor], x: Te
     return _finish_grads(*grads, B, B.shape[2])
 
 
-_op = getattr(torch.library, "triton_op", torch.library.custom_op)  # torch 2.4/2.5: opaque custom op
-_ssd_scan_triton = _op("collapsekit::ssd_scan_triton", _ssd_scan_triton_impl, mutates_args=())
-_ssd_scan_backward_triton = _op("collapsekit::ssd_scan_backward_triton", _ssd_scan_backward_triton_impl,
-                                mutates_args=())
+_ssd_scan_triton = _library.triton_op("ssd_scan_triton", _ssd_scan_triton_impl)
+_ssd_scan_backward_triton = _library.triton_op("ssd_scan_backward_triton", _ssd_scan_backward_triton_impl)
 
 
 # ------------------------------------------------------------------------ fake + autograd ------

@@ -5,8 +5,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate, reference
-from .class_sums import _class_sums_acc
+from .. import _dispatch, _library, _validate, reference
+from .._tiles import row_tiles
+from .class_sums import class_sums_acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -14,11 +15,29 @@ from .class_sums import _class_sums_acc
 # [N, K] or None, means [C, D] contiguous in the accumulation dtype. Output in that dtype.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("collapsekit::within_class_variance_cpp", mutates_args=())
+def _check_op(features, labels, weights, means, op):
+    """What the kernels index (a direct torch.ops.collapsekit.* call is checked too)."""
+    _library.expect(op, "features", features, ndim=2, dtypes=_library.FLOAT_DTYPES)
+    n, d = features.shape
+    _library.expect(op, "labels", labels, ndim=2, dtypes=_library.INDEX_DTYPES)
+    if labels.shape[0] != n:
+        raise ValueError(f"{op} (registered op): labels must have shape ({n}, K), got {tuple(labels.shape)}")
+    _library.expect(op, "weights", weights, shape=tuple(labels.shape), dtypes=_library.FLOAT_DTYPES, optional=True)
+    _library.expect(op, "means", means, shape=(-1, d), dtypes=(_library.acc_dtype(features.dtype),), contiguous=True)
+    if means.shape[0] < 1:
+        raise ValueError(f"{op} (registered op): means must have at least one row")
+
+
+def _variance_outputs(features, labels, weights, means):
+    return means.new_empty(means.shape[0])
+
+
+@_library.cpu_op("within_class_variance_cpp")
 def _variance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor) -> Tensor:
+    _check_op(features, labels, weights, means, "within_class_variance")
     n, d = features.shape
     c = means.shape[0]
-    out = torch.empty(c, dtype=means.dtype)
+    out = _variance_outputs(features, labels, weights, means)
     if weights is not None:
         weights = weights.to(means.dtype)
     _dispatch.cpp().within_class_variance(
@@ -31,21 +50,13 @@ def _variance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], m
 
 
 def _variance_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor) -> Tensor:
+    _check_op(features, labels, weights, means, "within_class_variance")
     from ..kernels import within_class  # imports triton: only on the first Triton call
 
     return within_class.within_class_variance(features, labels, weights, means)
 
 
-if hasattr(torch.library, "triton_op"):  # torch >= 2.6
-    _variance_triton = torch.library.triton_op("collapsekit::within_class_variance_triton", _variance_triton_impl,
-                                               mutates_args=())
-else:  # torch 2.4/2.5
-    _variance_triton = torch.library.custom_op("collapsekit::within_class_variance_triton", _variance_triton_impl,
-                                               mutates_args=())
-
-
-def _variance_fake(features, labels, weights, means):
-    return means.new_empty(means.shape[0])
+_variance_triton = _library.triton_op("within_class_variance_triton", _variance_triton_impl)
 
 
 def _variance_setup_context(ctx, inputs, output):
@@ -77,7 +88,7 @@ def _variance_backward(ctx, grad):
             grad_features.sub_(torch.index_select(means, 0, y[:, k]) * (2 * a[:, k:k + 1]))
         grad_features = grad_features.to(ctx.features_dtype)
     if ctx.needs_input_grad[3]:
-        sums, counts = _class_sums_acc(features.detach(), labels, c, w, False, "auto", "auto", "within_class_variance")
+        sums, counts = class_sums_acc(features.detach(), labels, c, w, False, "auto", "auto", "within_class_variance")
         grad_means = -2 * g[:, None] * (sums - counts[:, None] * means)
     if ctx.needs_input_grad[2]:
         h = features.to(acc)
@@ -87,9 +98,8 @@ def _variance_backward(ctx, grad):
     return grad_features, None, grad_weights, grad_means
 
 
-for _op in (_variance_cpp, _variance_triton):
-    _op.register_fake(_variance_fake)
-    _op.register_autograd(_variance_backward, setup_context=_variance_setup_context)
+_library.register((_variance_cpp, _variance_triton), fake=_variance_outputs, backward=_variance_backward,
+                  setup_context=_variance_setup_context)
 
 
 # within_class_covariance: Σ w (h − μ_y)(h − μ_y)ᵀ, tile by tile. A kernel writes one centred tile
@@ -108,8 +118,7 @@ def _covariance_tiles(features, labels, weights, means, center):
     buf = torch.empty(tile, d, dtype=acc, device=features.device)
     wbuf = torch.empty(tile, dtype=acc, device=features.device)
     for k in range(labels.shape[1]):
-        for lo in range(0, n, tile):
-            r = min(tile, n - lo)
+        for lo, r in row_tiles(n, tile):
             center(features[lo:lo + r], labels[lo:lo + r, k],
                    None if weights is None else weights[lo:lo + r, k], means, buf, wbuf)
             c = buf[:r]
@@ -126,9 +135,16 @@ def _center_cpp(f, lab, w, means, out, out_w):
         means.shape[0], means.data_ptr(), out.data_ptr(), out_w.data_ptr(), _dispatch.num_threads())
 
 
-@torch.library.custom_op("collapsekit::within_class_covariance_cpp", mutates_args=())
+def _covariance_outputs(features, labels, weights, means, path):
+    return means.new_empty(features.shape[1], features.shape[1])
+
+
+@_library.cpu_op("within_class_covariance_cpp")
 def _covariance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor,
                     path: str) -> Tensor:
+    _check_op(features, labels, weights, means, "within_class_covariance")
+    if path != "tiles":
+        raise ValueError(f"within_class_covariance (registered op): cpp path must be 'tiles', got {path!r}")
     if weights is not None:
         weights = weights.to(means.dtype)
     return _covariance_tiles(features, labels, weights, means, _center_cpp)
@@ -136,6 +152,10 @@ def _covariance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor],
 
 def _covariance_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], means: Tensor,
                             path: str) -> Tensor:
+    _check_op(features, labels, weights, means, "within_class_covariance")
+    if path not in ("tiles", "fused"):
+        raise ValueError(f"within_class_covariance (registered op): triton path must be 'tiles' or 'fused', "
+                         f"got {path!r}")
     from ..kernels import within_class
 
     if path == "fused":  # centring fused into a tl.dot kernel; not yet measured on a GPU
@@ -144,16 +164,7 @@ def _covariance_triton_impl(features: Tensor, labels: Tensor, weights: Optional[
     return _covariance_tiles(features, labels, weights, means, within_class.center_rows)
 
 
-if hasattr(torch.library, "triton_op"):
-    _covariance_triton = torch.library.triton_op("collapsekit::within_class_covariance_triton",
-                                                 _covariance_triton_impl, mutates_args=())
-else:
-    _covariance_triton = torch.library.custom_op("collapsekit::within_class_covariance_triton",
-                                                 _covariance_triton_impl, mutates_args=())
-
-
-def _covariance_fake(features, labels, weights, means, path):
-    return means.new_empty(features.shape[1], features.shape[1])
+_covariance_triton = _library.triton_op("within_class_covariance_triton", _covariance_triton_impl)
 
 
 def _covariance_backward(ctx, grad):
@@ -180,7 +191,7 @@ def _covariance_backward(ctx, grad):
             wcols.append((gc * ck_).sum(1))
     grad_means = None
     if ctx.needs_input_grad[3]:
-        sums, counts = _class_sums_acc(features.detach(), labels, c, w, False, "auto", "auto", "within_class_covariance")
+        sums, counts = class_sums_acc(features.detach(), labels, c, w, False, "auto", "auto", "within_class_covariance")
         grad_means = -2 * (sums - counts[:, None] * means) @ gs
     grad_weights = torch.stack(wcols, 1).to(ctx.weights_dtype) if ctx.needs_input_grad[2] else None
     if grad_features is not None:
@@ -192,9 +203,8 @@ def _covariance_setup_context(ctx, inputs, output):
     _variance_setup_context(ctx, inputs[:4], output)
 
 
-for _op in (_covariance_cpp, _covariance_triton):
-    _op.register_fake(_covariance_fake)
-    _op.register_autograd(_covariance_backward, setup_context=_covariance_setup_context)
+_library.register((_covariance_cpp, _covariance_triton), fake=_covariance_outputs, backward=_covariance_backward,
+                  setup_context=_covariance_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +223,7 @@ def _prepare(features: Tensor, labels, means, weights, check: bool, backend: str
     labels2, weights2 = _validate.class_labels(features, labels, weights, means.shape[0], op, check)
     _validate.same_device(op, features=features, means=means)
     return labels2, weights2, _dispatch.resolve_backend(backend, features.device, op), \
-        _dispatch.accumulation_dtype(features.dtype)
+        _library.acc_dtype(features.dtype)
 
 
 def within_class_variance(features: Tensor, labels: Tensor, means: Tensor, weights: Optional[Tensor] = None, *,
