@@ -44,6 +44,8 @@ import triton.language as tl
 
 from torch.library import wrap_triton
 
+from ._common import sigmoid, softplus, tl_acc
+
 # Tile sizes. BLOCK_T: time rows of a tile; BLOCK_S: time columns (the s of C_t·B_s); BLOCK_P:
 # headdim; BLOCK_N: dstate; BLOCK_K: the contraction block of a loop; warps per program.
 # Chosen for p=64, n=128, chunk 64..256 bf16 on sm_80/sm_90 (register budget of a 4-warp
@@ -58,20 +60,6 @@ TILES = {
     "dcb": dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=32, num_warps=4),
     "dbc": dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, num_warps=4),
 }
-
-
-@triton.jit
-def _softplus(v):
-    # max(v, 0) + log1p(exp(−|v|)), with log1p(e) = log(u)·e/(u − 1), u = 1 + e (exact to a few ulps)
-    e = tl.exp(-tl.abs(v))
-    u = 1.0 + e
-    lp = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))
-    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + lp)
-
-
-@triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
 
 
 @triton.jit
@@ -101,7 +89,7 @@ def _cumsum_fwd_kernel(dt_ptr, A_ptr, bias_ptr, par_ptr, dtp_ptr, cum_ptr,
         raw += tl.load(bias_ptr + hi).to(ACC)
     d = raw
     if SOFTPLUS:
-        d = _softplus(raw)
+        d = softplus(raw)
     d = tl.minimum(tl.maximum(d, dt_min), dt_max)
     d = tl.where(valid, d, 0.0)
     # padded steps (past L) get log-decay 0, so cum at CS-1 is the chunk's last valid cum
@@ -306,7 +294,7 @@ def _chunk_scan_kernel(x_ptr, z_ptr, C_ptr, cb_ptr, dtp_ptr, cum_ptr, S_ptr, D_p
     if HAS_Z:
         zt = tl.load(z_ptr + bi * zs0 + pt[:, None] * zs1 + hi * zs2 + op[None, :] * zs3, mask=m2, other=0.0)
         zt = zt.to(ACC)
-        acc = acc * zt * _sigmoid(zt)
+        acc = acc * zt * sigmoid(zt)
     tl.store(out_ptr + oo, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
@@ -333,7 +321,7 @@ def _bwd_gate_kernel(gout_ptr, z_ptr, y_ptr, gy_ptr, dz_ptr, R, L, NH, P,
         zv = zv.to(ACC)
         o = r[:, None] * P + pp[None, :]
         yv = tl.load(y_ptr + o, mask=m, other=0.0).to(ACC)
-        sg = _sigmoid(zv)
+        sg = sigmoid(zv)
         tl.store(gy_ptr + o, (go * zv * sg).to(gy_ptr.dtype.element_ty), mask=m)
         tl.store(dz_ptr + o, (go * yv * sg * (1.0 + zv * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=m)
 
@@ -669,8 +657,8 @@ def _cumsum_bwd_kernel(dt_ptr, A_ptr, bias_ptr, par_ptr, dtp_ptr, ddtp_ptr, ddts
     dg = tl.full([BLOCK_CS], 1.0, ACC)
     pre = raw
     if SOFTPLUS:
-        dg = tl.where(raw > 20.0, 1.0, _sigmoid(raw))
-        pre = _softplus(raw)
+        dg = tl.where(raw > 20.0, 1.0, sigmoid(raw))
+        pre = softplus(raw)
     dg = tl.where((pre < dt_min) | (pre > dt_max), 0.0, dg)   # torch.clamp's gradient (inclusive)
     g = tl.where(valid, dd * dg, 0.0)
     tl.store(ddt_ptr + (bi * L + pos) * NH + hi, g, mask=valid)
@@ -680,13 +668,15 @@ def _cumsum_bwd_kernel(dt_ptr, A_ptr, bias_ptr, par_ptr, dtp_ptr, ddtp_ptr, ddts
 
 # --------------------------------------------------------------------------- launchers -------
 
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+        torch.float64: tl.float64}
+
+
 def _types(x):
-    """(accumulation torch dtype, ACC, DOT, PREC) for x's dtype."""
-    if x.dtype == torch.float64:
-        return torch.float64, tl.float64, tl.float64, "ieee"
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32, tl.float32, tl.float16 if x.dtype == torch.float16 else tl.bfloat16, "ieee"
-    return torch.float32, tl.float32, tl.float32, "ieee"
+    """(accumulation torch dtype, ACC, DOT, PREC) for x's dtype. PREC "ieee": fp32 products are
+    exact fp32 (no TF32), which the fp32 tolerance of the tests needs."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return acc, tl_acc(x.dtype), _DOT[x.dtype], "ieee"
 
 
 def _tile(name, **limits):
