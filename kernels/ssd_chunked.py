@@ -69,6 +69,15 @@ def _chunk_ids(NCHUNK):
     return pid // NCHUNK, pid % NCHUNK
 
 
+@triton.jit
+def _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1):
+    """seq_idx just before chunk c (at position 0 for c = 0: initial_states belong to the row's
+    first sequence) and at the chunk's last step."""
+    prev = tl.load(seq_ptr + bi * ss0 + tl.maximum(c * CS - 1, 0) * ss1)
+    last = tl.load(seq_ptr + bi * ss0 + (tl.minimum(L, (c + 1) * CS) - 1) * ss1)
+    return prev, last
+
+
 # --------------------------------------------------------------------------- forward ---------
 
 @triton.jit
@@ -103,10 +112,11 @@ def _cumsum_fwd_kernel(dt_ptr, A_ptr, bias_ptr, par_ptr, dtp_ptr, cum_ptr,
 @triton.jit
 def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cum_ptr, st_ptr,
                         L, NH, P, N, HPG, CS, NCHUNK,
-                        xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3,
-                        DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                        xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3, seq_ptr, ss0, ss1,
+                        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """states_c[p, n] = Σ_s x_s[p] · exp(cum_last − cum_s) Δ_s B_s[n]  (one (p, n) tile)."""
+    """states_c[p, n] = Σ_s x_s[p] · exp(cum_last − cum_s) Δ_s B_s[n]  (one (p, n) tile); with
+    seq_idx only the steps of the chunk's last sequence count."""
     bi, c = _chunk_ids(NCHUNK)
     pid_t = tl.program_id(1)
     hi = tl.program_id(2).to(tl.int64)
@@ -119,6 +129,8 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cum_ptr, st_ptr,
     clen = tl.minimum(CS, L - c * CS)
     cbase = ((bi * NH + hi) * NCHUNK + c) * CS
     cl = tl.load(cum_ptr + cbase + CS - 1)
+    if HAS_SEQ:
+        sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
     for k0 in range(0, clen, BLOCK_K):
         ok = k0 + tl.arange(0, BLOCK_K)
@@ -130,7 +142,10 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cum_ptr, st_ptr,
                      mask=km[:, None] & nm[None, :], other=0.0)
         cum_k = tl.load(cum_ptr + cbase + ok, mask=km, other=0.0)
         d_k = tl.load(dtp_ptr + cbase + ok, mask=km, other=0.0)
-        sc = tl.where(km, tl.exp(cl - cum_k) * d_k, 0.0)
+        keep = km
+        if HAS_SEQ:
+            keep = keep & (tl.load(seq_ptr + bi * ss0 + pos * ss1, mask=km, other=-1) == sq_last)
+        sc = tl.where(keep, tl.exp(cl - cum_k) * d_k, 0.0)
         bt = (bt.to(ACC) * sc[:, None]).to(DOT)
         acc += tl.dot(xt.to(DOT), bt, input_precision=PREC, out_dtype=ACC)
     so = (((bi * NCHUNK + c) * NH + hi) * P + op[:, None]) * N + on[None, :]
@@ -139,8 +154,8 @@ def _chunk_state_kernel(x_ptr, B_ptr, dtp_ptr, cum_ptr, st_ptr,
 
 @triton.jit
 def _state_passing_kernel(st_ptr, cum_ptr, init_ptr, par_ptr, S_ptr, final_ptr, norm_ptr,
-                          NH, PN, CS, NCHUNK,
-                          HAS_INIT: tl.constexpr, NORM_MAX: tl.constexpr, ACC: tl.constexpr,
+                          NH, PN, CS, NCHUNK, L, seq_ptr, ss0, ss1,
+                          HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, NORM_MAX: tl.constexpr, ACC: tl.constexpr,
                           BLOCK: tl.constexpr):
     """S_0 = init; U_c = exp(cum_last_c) S_c + states_c; S_{c+1} = clip_τ(U_c); final = U_last.
     Writes S_c for every chunk (the chunk scan and the backward read it) and, with τ, ‖U_{c−1}‖
@@ -158,8 +173,11 @@ def _state_passing_kernel(st_ptr, cum_ptr, init_ptr, par_ptr, S_ptr, final_ptr, 
         for c in range(0, NCHUNK):
             so = ((bi * NCHUNK + c) * NH + hi) * PN + o
             tl.store(S_ptr + so, S, mask=m)
-            cl = tl.load(cum_ptr + (bh * NCHUNK + c) * CS + CS - 1)
-            S = tl.exp(cl) * S + tl.load(st_ptr + so, mask=m, other=0.0)
+            e = tl.exp(tl.load(cum_ptr + (bh * NCHUNK + c) * CS + CS - 1))
+            if HAS_SEQ:   # a new sequence starts inside chunk c: the carried state is dropped
+                sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
+                e = tl.where(sq_prev == sq_last, e, 0.0)
+            S = e * S + tl.load(st_ptr + so, mask=m, other=0.0)
         tl.store(final_ptr + bh * PN + o, S, mask=m)
     else:
         # one program per (batch, head): the clip needs ‖U‖ over the whole state, so each chunk
@@ -175,14 +193,17 @@ def _state_passing_kernel(st_ptr, cum_ptr, init_ptr, par_ptr, S_ptr, final_ptr, 
             tl.store(S_ptr + (bi * NCHUNK * NH + hi) * PN + o, S, mask=m)
         tl.debug_barrier()
         for c in range(0, NCHUNK):
-            cl = tl.load(cum_ptr + (bh * NCHUNK + c) * CS + CS - 1)
+            e = tl.exp(tl.load(cum_ptr + (bh * NCHUNK + c) * CS + CS - 1))
+            if HAS_SEQ:
+                sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
+                e = tl.where(sq_prev == sq_last, e, 0.0)
             so = ((bi * NCHUNK + c) * NH + hi) * PN
             sn = ((bi * NCHUNK + c + 1) * NH + hi) * PN
             ss = tl.zeros([BLOCK], dtype=ACC)
             for o0 in range(0, PN, BLOCK):
                 o = o0 + tl.arange(0, BLOCK)
                 m = o < PN
-                U = tl.exp(cl) * tl.load(S_ptr + so + o, mask=m, other=0.0) + \
+                U = e * tl.load(S_ptr + so + o, mask=m, other=0.0) + \
                     tl.load(st_ptr + so + o, mask=m, other=0.0)
                 if c == NCHUNK - 1:
                     tl.store(final_ptr + bh * PN + o, U, mask=m)
@@ -239,8 +260,8 @@ def _bmm_kernel(C_ptr, B_ptr, cb_ptr, L, G, N, CS, NCHUNK,
 @triton.jit
 def _chunk_scan_kernel(x_ptr, z_ptr, C_ptr, cb_ptr, dtp_ptr, cum_ptr, S_ptr, D_ptr, out_ptr, y_ptr,
                        L, NH, P, N, HPG, G, CS, NCHUNK,
-                       xs0, xs1, xs2, xs3, zs0, zs1, zs2, zs3, cs0, cs1, cs2, cs3,
-                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_Y: tl.constexpr,
+                       xs0, xs1, xs2, xs3, zs0, zs1, zs2, zs3, cs0, cs1, cs2, cs3, seq_ptr, ss0, ss1,
+                       HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_Y: tl.constexpr,
                        DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_N: tl.constexpr):
@@ -269,18 +290,26 @@ def _chunk_scan_kernel(x_ptr, z_ptr, C_ptr, cb_ptr, dtp_ptr, cum_ptr, S_ptr, D_p
                      mask=tm[:, None] & nm[None, :], other=0.0)
         sv = tl.load(S_ptr + sbase + op[None, :] * N + on[:, None], mask=nm[:, None] & pm[None, :], other=0.0)
         acc += tl.dot(ct.to(DOT), sv.to(DOT), input_precision=PREC, out_dtype=ACC)
-    acc = acc * tl.where(tm, tl.exp(cum_t), 0.0)[:, None]
+    keep_t = tm
+    if HAS_SEQ:   # rows of a sequence that began inside this chunk see no carried state
+        sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
+        sq_t = tl.load(seq_ptr + bi * ss0 + pt * ss1, mask=tm, other=-1)
+        keep_t = tm & (sq_t == sq_prev)
+    acc = acc * tl.where(keep_t, tl.exp(cum_t), 0.0)[:, None]
     cbb = ((bi * NCHUNK + c) * G + gi) * CS * CS
     s_end = tl.minimum(clen, (tb + 1) * BLOCK_T)
     for s0 in range(0, s_end, BLOCK_K):
         os = s0 + tl.arange(0, BLOCK_K)
         sm = os < clen
         causal = tm[:, None] & sm[None, :] & (os[None, :] <= ot[:, None])
+        ps = (c * CS + os).to(tl.int64)
+        if HAS_SEQ:
+            sq_s = tl.load(seq_ptr + bi * ss0 + ps * ss1, mask=sm, other=-2)
+            causal = causal & (sq_s[None, :] == sq_t[:, None])
         cb = tl.load(cb_ptr + cbb + ot[:, None] * CS + os[None, :], mask=causal, other=0.0)
         cum_s = tl.load(cum_ptr + cbase + os, mask=sm, other=0.0)
         d_s = tl.load(dtp_ptr + cbase + os, mask=sm, other=0.0)
         w = tl.where(causal, cb * tl.exp(cum_t[:, None] - cum_s[None, :]), 0.0) * d_s[None, :]
-        ps = (c * CS + os).to(tl.int64)
         xs = tl.load(x_ptr + bi * xs0 + ps[:, None] * xs1 + hi * xs2 + op[None, :] * xs3,
                      mask=sm[:, None] & pm[None, :], other=0.0)
         acc += tl.dot(w.to(DOT), xs.to(DOT), input_precision=PREC, out_dtype=ACC)
@@ -328,8 +357,8 @@ def _bwd_gate_kernel(gout_ptr, z_ptr, y_ptr, gy_ptr, dz_ptr, R, L, NH, P,
 
 @triton.jit
 def _bwd_dstates_kernel(gy_ptr, C_ptr, cum_ptr, dS_ptr,
-                        L, NH, P, N, HPG, CS, NCHUNK, cs0, cs1, cs2, cs3,
-                        DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                        L, NH, P, N, HPG, CS, NCHUNK, cs0, cs1, cs2, cs3, seq_ptr, ss0, ss1,
+                        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dS_c[p, n] = Σ_t gy_t[p] exp(cum_t) C_t[n]  (gy contiguous (b, l, h, p))."""
     bi, c = _chunk_ids(NCHUNK)
@@ -343,6 +372,8 @@ def _bwd_dstates_kernel(gy_ptr, C_ptr, cum_ptr, dS_ptr,
     nm = on < N
     clen = tl.minimum(CS, L - c * CS)
     cbase = ((bi * NH + hi) * NCHUNK + c) * CS
+    if HAS_SEQ:
+        sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
     for k0 in range(0, clen, BLOCK_K):
         ok = k0 + tl.arange(0, BLOCK_K)
@@ -353,7 +384,10 @@ def _bwd_dstates_kernel(gy_ptr, C_ptr, cum_ptr, dS_ptr,
         ct = tl.load(C_ptr + bi * cs0 + pos[:, None] * cs1 + gi * cs2 + on[None, :] * cs3,
                      mask=km[:, None] & nm[None, :], other=0.0)
         cum_k = tl.load(cum_ptr + cbase + ok, mask=km, other=0.0)
-        ct = (ct.to(ACC) * tl.where(km, tl.exp(cum_k), 0.0)[:, None]).to(DOT)
+        keep = km
+        if HAS_SEQ:
+            keep = keep & (tl.load(seq_ptr + bi * ss0 + pos * ss1, mask=km, other=-1) == sq_prev)
+        ct = (ct.to(ACC) * tl.where(keep, tl.exp(cum_k), 0.0)[:, None]).to(DOT)
         acc += tl.dot(gt.to(DOT), ct, input_precision=PREC, out_dtype=ACC)
     so = (((bi * NCHUNK + c) * NH + hi) * P + op[:, None]) * N + on[None, :]
     tl.store(dS_ptr + so, acc, mask=pm[:, None] & nm[None, :])
@@ -362,8 +396,8 @@ def _bwd_dstates_kernel(gy_ptr, C_ptr, cum_ptr, dS_ptr,
 @triton.jit
 def _state_passing_bwd_kernel(dS_ptr, S_ptr, cum_ptr, gfinal_ptr, norm_ptr, par_ptr,
                               gst_ptr, dcl_ptr, dinit_ptr,
-                              NH, PN, CS, NCHUNK, NBLK,
-                              HAS_GFINAL: tl.constexpr, NORM_MAX: tl.constexpr, ACC: tl.constexpr,
+                              NH, PN, CS, NCHUNK, NBLK, L, seq_ptr, ss0, ss1,
+                              HAS_SEQ: tl.constexpr, HAS_GFINAL: tl.constexpr, NORM_MAX: tl.constexpr, ACC: tl.constexpr,
                               BLOCK: tl.constexpr):
     """Reverse of _state_passing_kernel. g_U (gradient at the state leaving chunk c, = gradient of
     states_c) goes to gst[c]; exp(cum_last_c)·⟨g_U, S_c⟩ to dcl[b, h, c, block]; the gradient at S_0
@@ -384,6 +418,9 @@ def _state_passing_bwd_kernel(dS_ptr, S_ptr, cum_ptr, gfinal_ptr, norm_ptr, par_
             so = ((bi * NCHUNK + c) * NH + hi) * PN + o
             tl.store(gst_ptr + so, gU, mask=m)
             e = tl.exp(tl.load(cum_ptr + (bh * NCHUNK + c) * CS + CS - 1))
+            if HAS_SEQ:
+                sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
+                e = tl.where(sq_prev == sq_last, e, 0.0)
             S = tl.load(S_ptr + so, mask=m, other=0.0)
             tl.store(dcl_ptr + (bh * NCHUNK + c) * NBLK + blk, e * tl.sum(gU * S, axis=0))
             gU = tl.load(dS_ptr + so, mask=m, other=0.0) + e * gU
@@ -404,6 +441,9 @@ def _state_passing_bwd_kernel(dS_ptr, S_ptr, cum_ptr, gfinal_ptr, norm_ptr, par_
             c = NCHUNK - 1 - cc
             so = ((bi * NCHUNK + c) * NH + hi) * PN
             e = tl.exp(tl.load(cum_ptr + (bh * NCHUNK + c) * CS + CS - 1))
+            if HAS_SEQ:
+                sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
+                e = tl.where(sq_prev == sq_last, e, 0.0)
             dcl = tl.zeros([BLOCK], dtype=ACC)
             q = tl.zeros([BLOCK], dtype=ACC)
             for o0 in range(0, PN, BLOCK):  # pass 1: gS into dS (in place), ⟨g_U, S⟩, ⟨S, gS⟩
@@ -440,8 +480,8 @@ def _state_passing_bwd_kernel(dS_ptr, S_ptr, cum_ptr, gfinal_ptr, norm_ptr, par_
 def _bwd_dx_kernel(x_ptr, B_ptr, gy_ptr, y_ptr, cb_ptr, dtp_ptr, cum_ptr, gst_ptr, D_ptr,
                    dx_ptr, ddt_ptr, ddts_ptr, dcy_ptr, dD_ptr,
                    L, NH, P, N, HPG, G, CS, NCHUNK, NPB, NTB,
-                   xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3,
-                   HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                   xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3, seq_ptr, ss0, ss1,
+                   HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """For a (s, p) tile: W = exp(cum_last − cum_s)·(B_s g_Uᵀ) + Σ_{t ≥ s} CB[t, s] exp(cum_t − cum_s) gy_t;
     dx = Δ_s W + D gy. Per p-block partials: Σ_p x W (direct dΔ), Σ_p x W_state (its state part),
@@ -473,7 +513,12 @@ def _bwd_dx_kernel(x_ptr, B_ptr, gy_ptr, y_ptr, cb_ptr, dtp_ptr, cum_ptr, gst_pt
                      mask=sm[:, None] & nm[None, :], other=0.0)
         gu = tl.load(gst_ptr + gbase + op[None, :] * N + on[:, None], mask=nm[:, None] & pm[None, :], other=0.0)
         accs += tl.dot(bt.to(DOT), gu.to(DOT), input_precision=PREC, out_dtype=ACC)
-    accs = accs * tl.where(sm, tl.exp(cl - cum_s), 0.0)[:, None]
+    keep_s = sm
+    if HAS_SEQ:   # only the chunk's last sequence reaches the state leaving it
+        sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
+        sq_s = tl.load(seq_ptr + bi * ss0 + ps * ss1, mask=sm, other=-1)
+        keep_s = sm & (sq_s == sq_last)
+    accs = accs * tl.where(keep_s, tl.exp(cl - cum_s), 0.0)[:, None]
     # intra-chunk part: Σ_{t ≥ s} CB[t, s] exp(cum_t − cum_s) gy_t
     acc = accs
     cbb = ((bi * NCHUNK + c) * G + gi) * CS * CS
@@ -481,10 +526,13 @@ def _bwd_dx_kernel(x_ptr, B_ptr, gy_ptr, y_ptr, cb_ptr, dtp_ptr, cum_ptr, gst_pt
         ot = t0 + tl.arange(0, BLOCK_K)
         tm = ot < clen
         causal = sm[:, None] & tm[None, :] & (ot[None, :] >= os[:, None])
+        pt = (c * CS + ot).to(tl.int64)
+        if HAS_SEQ:
+            sq_t = tl.load(seq_ptr + bi * ss0 + pt * ss1, mask=tm, other=-2)
+            causal = causal & (sq_t[None, :] == sq_s[:, None])
         cbt = tl.load(cb_ptr + cbb + ot[None, :] * CS + os[:, None], mask=causal, other=0.0)
         cum_t = tl.load(cum_ptr + cbase + ot, mask=tm, other=0.0)
         w = tl.where(causal, cbt * tl.exp(cum_t[None, :] - cum_s[:, None]), 0.0)
-        pt = (c * CS + ot).to(tl.int64)
         gt = tl.load(gy_ptr + ((bi * L + pt[:, None]) * NH + hi) * P + op[None, :],
                      mask=tm[:, None] & pm[None, :], other=0.0)
         acc += tl.dot(w.to(DOT), gt.to(DOT), input_precision=PREC, out_dtype=ACC)
@@ -508,8 +556,8 @@ def _bwd_dx_kernel(x_ptr, B_ptr, gy_ptr, y_ptr, cb_ptr, dtp_ptr, cum_ptr, gst_pt
 @triton.jit
 def _bwd_dcb_kernel(gy_ptr, x_ptr, dtp_ptr, cum_ptr, dcb_ptr,
                     L, NH, P, HPG, G, CS, NCHUNK,
-                    xs0, xs1, xs2, xs3,
-                    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                    xs0, xs1, xs2, xs3, seq_ptr, ss0, ss1,
+                    HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     """dCB[t, s] = Σ_{h in group} exp(cum_t − cum_s) Δ_s (gy_t · x_s), s ≤ t."""
     bi, c = _chunk_ids(NCHUNK)
@@ -527,6 +575,10 @@ def _bwd_dcb_kernel(gy_ptr, x_ptr, dtp_ptr, cum_ptr, dcb_ptr,
         causal = tm[:, None] & sm[None, :] & (os[None, :] <= ot[:, None])
         pt = (c * CS + ot).to(tl.int64)
         ps = (c * CS + os).to(tl.int64)
+        if HAS_SEQ:
+            sq_t = tl.load(seq_ptr + bi * ss0 + pt * ss1, mask=tm, other=-1)
+            sq_s = tl.load(seq_ptr + bi * ss0 + ps * ss1, mask=sm, other=-2)
+            causal = causal & (sq_s[None, :] == sq_t[:, None])
         acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=ACC)
         for j in range(0, HPG):
             hi = gi * HPG + j
@@ -551,8 +603,8 @@ def _bwd_dcb_kernel(gy_ptr, x_ptr, dtp_ptr, cum_ptr, dcb_ptr,
 @triton.jit
 def _bwd_dbc_kernel(x_ptr, gy_ptr, B_ptr, C_ptr, dcb_ptr, dtp_ptr, cum_ptr, S_ptr, gst_ptr, dB_ptr, dC_ptr,
                     L, NH, P, N, HPG, G, CS, NCHUNK,
-                    xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3, cs0, cs1, cs2, cs3,
-                    DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                    xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3, cs0, cs1, cs2, cs3, seq_ptr, ss0, ss1,
+                    HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """For rows r of a chunk and an n tile, summed over the group's heads:
     dC_r = Σ_h exp(cum_r) gy_r S_c + Σ_{s ≤ r} dCB[r, s] B_s;
@@ -568,6 +620,13 @@ def _bwd_dbc_kernel(x_ptr, gy_ptr, B_ptr, C_ptr, dcb_ptr, dtp_ptr, cum_ptr, S_pt
     rm = orr < clen
     nm = on < N
     pr = (c * CS + orr).to(tl.int64)
+    keep_c = rm   # rows that see the carried state (dC's state term)
+    keep_b = rm   # rows that reach the state leaving the chunk (dB's state term)
+    if HAS_SEQ:
+        sq_prev, sq_last = _seq_ends(seq_ptr, bi, c, L, CS, ss0, ss1)
+        sq_r = tl.load(seq_ptr + bi * ss0 + pr * ss1, mask=rm, other=-1)
+        keep_c = rm & (sq_r == sq_prev)
+        keep_b = rm & (sq_r == sq_last)
     accc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
     accb = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
     for j in range(0, HPG):
@@ -590,8 +649,8 @@ def _bwd_dbc_kernel(x_ptr, gy_ptr, B_ptr, C_ptr, dcb_ptr, dtp_ptr, cum_ptr, S_pt
         cum_r = tl.load(cum_ptr + cbase + orr, mask=rm, other=0.0)
         d_r = tl.load(dtp_ptr + cbase + orr, mask=rm, other=0.0)
         cl = tl.load(cum_ptr + cbase + CS - 1)
-        accc += tc * tl.where(rm, tl.exp(cum_r), 0.0)[:, None]
-        accb += tb_ * (tl.where(rm, tl.exp(cl - cum_r), 0.0) * d_r)[:, None]
+        accc += tc * tl.where(keep_c, tl.exp(cum_r), 0.0)[:, None]
+        accb += tb_ * (tl.where(keep_b, tl.exp(cl - cum_r), 0.0) * d_r)[:, None]
     cbb = ((bi * NCHUNK + c) * G + gi) * CS * CS
     r_end = tl.minimum(clen, (tb + 1) * BLOCK_T)
     for s0 in range(0, r_end, BLOCK_K):   # dC += dCB[r, s] B_s, s ≤ r
@@ -702,6 +761,13 @@ def _safe(t):
     return t
 
 
+def _seq(seq_idx, x):
+    """(seq tensor or a dummy, its strides) for the kernels' seq_ptr, ss0, ss1."""
+    if seq_idx is None:
+        return _dummy(x, torch.int32), (0, 0)
+    return seq_idx, tuple(seq_idx.stride())
+
+
 def _dummy(x, dtype):
     return torch.empty(1, dtype=dtype, device=x.device)
 
@@ -727,14 +793,15 @@ def _cb(B, C, b, l, g, n, cs, k, acc, ACC, DOT, PREC):
 
 
 def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, decay_scale,
-            state_norm_max, save_for_backward):
+            state_norm_max, save_for_backward, seq_idx=None):
     """Chunked SSD forward.
 
     x (b, l, h, p) fp16/bf16/fp32/fp64; dt (b, l, h); A (h,); B, C (b, l, g, n); D (h, p) or None;
     z like x or None; dt_bias (h,) or None; initial_states (b, h, p, n) or None; state_norm_max
     0.0 = off. Returns (out (b, l, h, p) in x's dtype, final_states (b, h, p, n) fp32 (fp64 for
     fp64 x), saved) where ``saved`` is an opaque tuple for ``backward`` (None unless
-    save_for_backward). The chunk's entering states S (b, k, h, p, n), CB (b, k, g, cs, cs),
+    save_for_backward). ``seq_idx`` (b, l) int32, non-decreasing per row: the state resets where it
+    changes (initial_states belong to each row's first sequence); not with state_norm_max. The chunk's entering states S (b, k, h, p, n), CB (b, k, g, cs, cs),
     Δ and cum (b, h, k, cs), the norms at the boundaries and y (z given) are what it holds."""
     x, z, B, C = _safe(x), _safe(z), _safe(B), _safe(C)
     b, l, h, p = x.shape
@@ -750,16 +817,20 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
             final.copy_(initial_states)
         else:
             final.zero_()
-        saved = (None,) * 6 + (out,) if save_for_backward else None
+        saved = (None,) * 6 + (out, seq_idx) if save_for_backward else None
         return out, final, saved
     par = _params(x, decay_scale, state_norm_max, dt_min, dt_max)
     norm_max = state_norm_max > 0
+    if seq_idx is not None and norm_max:
+        raise ValueError("ssd_scan (chunked): state_norm_max with seq_idx acts at positions relative to each "
+                         "sequence's start, not at the chunk boundaries; use the recurrent path")
+    sq, sqs = _seq(seq_idx, x)
     dtp, cum = _cumsum_fwd(dt, A, dt_bias, par, b, l, h, cs, k, dt_softplus, acc, ACC)
 
     t = _tile("chunk_state", BLOCK_P=p, BLOCK_N=n, BLOCK_K=cs)
     st = torch.empty(b, k, h, p, n, dtype=acc, device=dev)
     wrap_triton(_chunk_state_kernel)[(b * k, triton.cdiv(p, t["BLOCK_P"]) * triton.cdiv(n, t["BLOCK_N"]), h)](
-        x, B, dtp, cum, st, l, h, p, n, h // g, cs, k, *x.stride(), *B.stride(),
+        x, B, dtp, cum, st, l, h, p, n, h // g, cs, k, *x.stride(), *B.stride(), sq, *sqs, HAS_SEQ=seq_idx is not None,
         DOT=DOT, PREC=PREC, ACC=ACC, **t)
 
     S = torch.empty(b, k, h, p, n, dtype=acc, device=dev)
@@ -770,7 +841,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
     init = initial_states.contiguous() if initial_states is not None else None
     wrap_triton(_state_passing_kernel)[(nblk, b, h)](
         st, cum, init if init is not None else _dummy(x, acc), par, S, final, norms,
-        h, p * n, cs, k, HAS_INIT=init is not None, NORM_MAX=norm_max, ACC=ACC, **t)
+        h, p * n, cs, k, l, sq, *sqs, HAS_SEQ=seq_idx is not None, HAS_INIT=init is not None, NORM_MAX=norm_max, ACC=ACC, **t)
     del st
 
     cb = _cb(B, C, b, l, g, n, cs, k, acc, ACC, DOT, PREC)
@@ -781,9 +852,9 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
     zz = z if z is not None else x
     wrap_triton(_chunk_scan_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(p, t["BLOCK_P"]), h)](
         x, zz, C, cb, dtp, cum, S, D if D is not None else _dummy(x, acc), out, y,
-        l, h, p, n, h // g, g, cs, k, *x.stride(), *zz.stride(), *C.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=save_y, DOT=DOT, PREC=PREC, ACC=ACC, **t)
-    saved = (dtp, cum, S, norms if norm_max else None, cb, par, y) if save_for_backward else None
+        l, h, p, n, h // g, g, cs, k, *x.stride(), *zz.stride(), *C.stride(), sq, *sqs,
+        HAS_SEQ=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=save_y, DOT=DOT, PREC=PREC, ACC=ACC, **t)
+    saved = (dtp, cum, S, norms if norm_max else None, cb, par, y, seq_idx) if save_for_backward else None
     return out, final, saved
 
 
@@ -816,7 +887,9 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
         if dinit is not None and gfinal is not None:
             dinit.copy_(gfinal)
         return dx, dz, ddt, dA, dB, dC, dD, dbias, dinit
-    dtp, cum, S, norms, cb, par, y = saved
+    dtp, cum, S, norms, cb, par, y, seq_idx = saved
+    sq, sqs = _seq(seq_idx, x)
+    hs = seq_idx is not None
     norm_max = state_norm_max > 0
     if gout is None:
         gout = torch.zeros(b, l, h, p, dtype=x.dtype, device=dev)
@@ -832,7 +905,7 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
     t = _tile("dstates", BLOCK_P=p, BLOCK_N=n, BLOCK_K=cs)
     dS = torch.empty(b, k, h, p, n, dtype=acc, device=dev)
     wrap_triton(_bwd_dstates_kernel)[(b * k, triton.cdiv(p, t["BLOCK_P"]) * triton.cdiv(n, t["BLOCK_N"]), h)](
-        gy, C, cum, dS, l, h, p, n, h // g, cs, k, *C.stride(), DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        gy, C, cum, dS, l, h, p, n, h // g, cs, k, *C.stride(), sq, *sqs, HAS_SEQ=hs, DOT=DOT, PREC=PREC, ACC=ACC, **t)
 
     t = dict(TILES["state_passing"])
     t["BLOCK"] = min(t["BLOCK"], max(16, triton.next_power_of_2(p * n)))
@@ -843,8 +916,8 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
     gf = gfinal.to(acc).contiguous() if gfinal is not None else None
     wrap_triton(_state_passing_bwd_kernel)[(nblk, b, h)](
         dS, S, cum, gf if gf is not None else _dummy(x, acc), norms if norms is not None else _dummy(x, acc), par,
-        gst, dcl, dinit_buf, h, p * n, cs, k, nblk,
-        HAS_GFINAL=gf is not None, NORM_MAX=norm_max, ACC=ACC, **t)
+        gst, dcl, dinit_buf, h, p * n, cs, k, nblk, l, sq, *sqs,
+        HAS_SEQ=hs, HAS_GFINAL=gf is not None, NORM_MAX=norm_max, ACC=ACC, **t)
     del dS
 
     t = _tile("dx", BLOCK_T=cs, BLOCK_P=p, BLOCK_K=cs, BLOCK_N=n)
@@ -857,20 +930,20 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
     wrap_triton(_bwd_dx_kernel)[(b * k, ntb * npb, h)](
         x, B, gy, y, cb, dtp, cum, gst, D if D is not None else _dummy(x, acc),
         dx, ddtp, ddts, dcy, dDp if dDp is not None else _dummy(x, acc),
-        l, h, p, n, h // g, g, cs, k, npb, ntb, *x.stride(), *B.stride(),
-        HAS_D=D is not None, DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        l, h, p, n, h // g, g, cs, k, npb, ntb, *x.stride(), *B.stride(), sq, *sqs,
+        HAS_SEQ=hs, HAS_D=D is not None, DOT=DOT, PREC=PREC, ACC=ACC, **t)
     if dD is not None:
         dD.copy_(dDp.sum(dim=(0, 1, 2)))
 
     t = _tile("dcb", BLOCK_T=cs, BLOCK_S=cs, BLOCK_K=p)
     dcb = torch.empty(b, k, g, cs, cs, dtype=acc, device=dev)
     wrap_triton(_bwd_dcb_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(cs, t["BLOCK_S"]), g)](
-        gy, x, dtp, cum, dcb, l, h, p, h // g, g, cs, k, *x.stride(), DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        gy, x, dtp, cum, dcb, l, h, p, h // g, g, cs, k, *x.stride(), sq, *sqs, HAS_SEQ=hs, DOT=DOT, PREC=PREC, ACC=ACC, **t)
 
     t = _tile("dbc", BLOCK_T=cs, BLOCK_N=n, BLOCK_K=min(cs, p))
     wrap_triton(_bwd_dbc_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(n, t["BLOCK_N"]), g)](
         x, gy, B, C, dcb, dtp, cum, S, gst, dB, dC, l, h, p, n, h // g, g, cs, k,
-        *x.stride(), *B.stride(), *C.stride(), DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        *x.stride(), *B.stride(), *C.stride(), sq, *sqs, HAS_SEQ=hs, DOT=DOT, PREC=PREC, ACC=ACC, **t)
     del dcb
 
     dAp = torch.empty(b, k, h, dtype=acc, device=dev)

@@ -157,6 +157,7 @@ def ssd_chunked_cases():
     cs = [f"cs{i}" for i in range(4)]
     zs = [f"zs{i}" for i in range(4)]
     ds = ["ds0", "ds1", "ds2"]
+    sq = ["ss0", "ss1"]
     for feat, flags in [("bf16", True), ("bf16", False), ("fp16", True), ("fp32", True), ("fp32", False),
                         ("fp64", True)]:
         acc = "fp64" if feat == "fp64" else "fp32"
@@ -169,41 +170,43 @@ def ssd_chunked_cases():
             ["L", "NH", "CS", "NCHUNK"] + ds, \
             {"HAS_BIAS": flags, "SOFTPLUS": flags, "ACC": DTYPES[acc], "BLOCK_CS": 64}
         yield "ssd_chunked.chunk_state" + tag, K._chunk_state_kernel, \
-            {"x_ptr": f, "B_ptr": f, "dtp_ptr": a, "cum_ptr": a, "st_ptr": a}, \
-            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + xs + bs, {**typ, **T("chunk_state", BLOCK_K=64)}
+            {"x_ptr": f, "B_ptr": f, "dtp_ptr": a, "cum_ptr": a, "st_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + xs + bs + sq, {**typ, "HAS_SEQ": flags, **T("chunk_state", BLOCK_K=64)}
         sp = {k: v for k, v in K.TILES["state_passing"].items() if k != "num_warps"}
         yield "ssd_chunked.state_passing" + tag, K._state_passing_kernel, \
-            {"st_ptr": a, "cum_ptr": a, "init_ptr": a, "par_ptr": a, "S_ptr": a, "final_ptr": a, "norm_ptr": a}, \
-            ["NH", "PN", "CS", "NCHUNK"], {"HAS_INIT": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
+            {"st_ptr": a, "cum_ptr": a, "init_ptr": a, "par_ptr": a, "S_ptr": a, "final_ptr": a, "norm_ptr": a,
+             "seq_ptr": "*i32"}, \
+            ["NH", "PN", "CS", "NCHUNK", "L"] + sq, {"HAS_SEQ": flags, "HAS_INIT": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
         yield "ssd_chunked.bmm" + tag, K._bmm_kernel, {"C_ptr": f, "B_ptr": f, "cb_ptr": a}, \
             ["L", "G", "N", "CS", "NCHUNK"] + cs + bs, {**typ, **T("bmm", BLOCK_T=64, BLOCK_S=64)}
         yield "ssd_chunked.chunk_scan" + tag, K._chunk_scan_kernel, \
             {"x_ptr": f, "z_ptr": f, "C_ptr": f, "cb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "S_ptr": a, "D_ptr": a,
-             "out_ptr": f, "y_ptr": f}, \
-            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + zs + cs, \
-            {"HAS_D": flags, "HAS_Z": flags, "SAVE_Y": flags, **typ, **T("chunk_scan", BLOCK_K=64)}
+             "out_ptr": f, "y_ptr": f, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + zs + cs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, "HAS_Z": flags, "SAVE_Y": flags, **typ, **T("chunk_scan", BLOCK_K=64)}
         yield "ssd_chunked.bwd_gate" + tag, K._bwd_gate_kernel, \
             {"gout_ptr": f, "z_ptr": f, "y_ptr": f, "gy_ptr": f, "dz_ptr": f}, \
             ["R", "L", "NH", "P", "gs0", "gs1", "gs2", "gs3"] + zs, {"ACC": DTYPES[acc], "BLOCK_R": 32, "BLOCK_P": 64}
         yield "ssd_chunked.bwd_dstates" + tag, K._bwd_dstates_kernel, \
-            {"gy_ptr": f, "C_ptr": f, "cum_ptr": a, "dS_ptr": a}, \
-            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + cs, {**typ, **T("dstates", BLOCK_K=64)}
+            {"gy_ptr": f, "C_ptr": f, "cum_ptr": a, "dS_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + cs + sq, {**typ, "HAS_SEQ": flags, **T("dstates", BLOCK_K=64)}
         yield "ssd_chunked.state_passing_bwd" + tag, K._state_passing_bwd_kernel, \
             {"dS_ptr": a, "S_ptr": a, "cum_ptr": a, "gfinal_ptr": a, "norm_ptr": a, "par_ptr": a, "gst_ptr": a,
-             "dcl_ptr": a, "dinit_ptr": a}, \
-            ["NH", "PN", "CS", "NCHUNK", "NBLK"], {"HAS_GFINAL": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
+             "dcl_ptr": a, "dinit_ptr": a, "seq_ptr": "*i32"}, \
+            ["NH", "PN", "CS", "NCHUNK", "NBLK", "L"] + sq, {"HAS_SEQ": flags, "HAS_GFINAL": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
         yield "ssd_chunked.bwd_dx" + tag, K._bwd_dx_kernel, \
             {"x_ptr": f, "B_ptr": f, "gy_ptr": f, "y_ptr": f, "cb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "gst_ptr": a,
-             "D_ptr": a, "dx_ptr": f, "ddt_ptr": a, "ddts_ptr": a, "dcy_ptr": a, "dD_ptr": a}, \
-            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK", "NPB", "NTB"] + xs + bs, \
-            {"HAS_D": flags, **typ, **T("dx", BLOCK_K=64)}
+             "D_ptr": a, "dx_ptr": f, "ddt_ptr": a, "ddts_ptr": a, "dcy_ptr": a, "dD_ptr": a,
+             "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK", "NPB", "NTB"] + xs + bs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, **typ, **T("dx", BLOCK_K=64)}
         yield "ssd_chunked.bwd_dcb" + tag, K._bwd_dcb_kernel, \
-            {"gy_ptr": f, "x_ptr": f, "dtp_ptr": a, "cum_ptr": a, "dcb_ptr": a}, \
-            ["L", "NH", "P", "HPG", "G", "CS", "NCHUNK"] + xs, {**typ, **T("dcb", BLOCK_K=64)}
+            {"gy_ptr": f, "x_ptr": f, "dtp_ptr": a, "cum_ptr": a, "dcb_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "HPG", "G", "CS", "NCHUNK"] + xs + sq, {**typ, "HAS_SEQ": flags, **T("dcb", BLOCK_K=64)}
         yield "ssd_chunked.bwd_dbc" + tag, K._bwd_dbc_kernel, \
             {"x_ptr": f, "gy_ptr": f, "B_ptr": f, "C_ptr": f, "dcb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "S_ptr": a,
-             "gst_ptr": a, "dB_ptr": a, "dC_ptr": a}, \
-            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + bs + cs, {**typ, **T("dbc", BLOCK_K=64)}
+             "gst_ptr": a, "dB_ptr": a, "dC_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + bs + cs + sq, {**typ, "HAS_SEQ": flags, **T("dbc", BLOCK_K=64)}
         yield "ssd_chunked.cumsum_bwd" + tag, K._cumsum_bwd_kernel, \
             {"dt_ptr": a, "A_ptr": a, "bias_ptr": a, "par_ptr": a, "dtp_ptr": a, "ddtp_ptr": a, "ddts_ptr": a,
              "dcy_ptr": a, "dcl_ptr": a, "ddt_ptr": a, "dA_ptr": a, "dbias_ptr": a}, \

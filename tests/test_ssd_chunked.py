@@ -180,3 +180,55 @@ def test_tiled_chunk_state_norm_max(monkeypatch):
     small["state_passing"] = dict(small["state_passing"], BLOCK=64)
     monkeypatch.setattr(K, "TILES", small)
     check(1, 45, 2, 2, 8, 24, torch.float32, cs=16, tau=1.5)
+
+
+# ------------------------------------------------------------------------------------ seq_idx
+
+def ref_packed(d, seq, softplus, dt_min, dt_max, lam):
+    """Packed rows as separate sequences through the reference: each run of equal seq_idx starts
+    from zero, except a row's first run, which starts from initial_states. Returns (out, final of
+    each row's last run)."""
+    outs, fins = [], []
+    for bi in range(seq.shape[0]):
+        s = seq[bi].tolist()
+        starts = [0] + [t for t in range(1, len(s)) if s[t] != s[t - 1]] + [len(s)]
+        row = []
+        for a, e in zip(starts[:-1], starts[1:]):
+            sl = lambda v: v[bi:bi + 1, a:e] if v is not None else None
+            init = d["initial_states"][bi:bi + 1] if (a == 0 and d["initial_states"] is not None) else None
+            o, f = ref_ssd(sl(d["x"]), sl(d["dt"]), d["A"], sl(d["B"]), sl(d["C"]), D=d["D"], z=sl(d["z"]),
+                           dt_bias=d["dt_bias"], initial_states=init, dt_softplus=softplus, dt_limit=(dt_min, dt_max),
+                           return_final_states=True, decay_scale=lam)
+            row.append(o)
+        outs.append(torch.cat(row, 1))
+        fins.append(f)
+    return torch.cat(outs, 0), torch.cat(fins, 0)
+
+
+def test_seq_idx_forward_backward():
+    """Resets inside a chunk, exactly at a chunk start, and a sequence wholly inside one chunk;
+    initial_states belong to each row's first sequence; every gradient."""
+    b, l, h, g, p, n, cs = 2, 45, 2, 1, 8, 16, 16
+    t = make(b, l, h, g, p, n, torch.float32)
+    seq = torch.tensor([[0] * 5 + [1] * 20 + [2] * 20, [3] * 32 + [4] * 13], dtype=torch.int32, device=DEV)
+    out, fin, saved = K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"],
+                                t["initial_states"], cs, True, 0.0, INF, 0.98, 0.0, True, seq_idx=seq)
+    d = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
+    rout, rfin = ref_packed(d, seq.cpu(), True, 0.0, INF, 0.98)
+    close(out, rout, torch.float32, "out")
+    close(fin, rfin, torch.float32, "final")
+    gen = torch.Generator().manual_seed(1)
+    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64)
+    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64)
+    ((rout * gout).sum() + (rfin * gfin).sum()).backward()
+    got = K.backward(gout.float().to(DEV), gfin.float().to(DEV), t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
+                     t["z"], t["dt_bias"], t["initial_states"], saved, cs, True, 0.0, INF, 0.98, 0.0)
+    for name, gk in zip(GRAD_NAMES, got):
+        close(gk, d[name].grad, torch.float32, "grad " + name, math.sqrt(b * l) if name in ("A", "dt_bias") else 1.0)
+
+
+def test_seq_idx_with_state_norm_max_raises():
+    t = make(1, 8, 2, 1, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="state_norm_max"):
+        K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], None, None, None, None, 4, True, 0.0, INF, 1.0, 1.0,
+                  False, seq_idx=torch.zeros(1, 8, dtype=torch.int32, device=DEV))
