@@ -725,6 +725,347 @@ def _cumsum_bwd_kernel(dt_ptr, A_ptr, bias_ptr, par_ptr, dtp_ptr, ddtp_ptr, ddts
     tl.store(dbias_ptr + (bi * NCHUNK + c) * NH + hi, tl.sum(g, axis=0))
 
 
+# ------------------------------------------------------------------- sliding window (window=W) ---
+# y_t = C_t·Σ_{s=t−W+1..t} P(s, t] Δ_s x_s B_sᵀ + D x_t with P(s, t] = Π_{r=s+1..t} a_r: a banded
+# "attention" over the last W steps (no carried state). The decay between chunks is
+# exp(cum_t − cum_s + Σ_{chunks c_s ≤ c' < c_t} cum_last_{c'}): a sum over at most W/chunk + 1
+# chunk totals, so no long-range cumulative sum (and its fp32 cancellation) is ever formed.
+
+@triton.jit
+def _zero_scalar(ACC: tl.constexpr):
+    return tl.sum(tl.zeros([1], dtype=ACC), axis=0)
+
+
+@triton.jit
+def _window_scan_kernel(x_ptr, z_ptr, B_ptr, C_ptr, dtp_ptr, cum_ptr, D_ptr, out_ptr, y_ptr,
+                        L, NH, P, N, HPG, CS, NCHUNK, W,
+                        xs0, xs1, xs2, xs3, zs0, zs1, zs2, zs3, bs0, bs1, bs2, bs3, cs0, cs1, cs2, cs3,
+                        seq_ptr, ss0, ss1,
+                        HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE_Y: tl.constexpr,
+                        DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """y for a (t, p) tile: Σ over s in (t − W, t] of (C_t·B_s) P(s, t] Δ_s x_s, then D and the gate."""
+    bi, c = _chunk_ids(NCHUNK)
+    pid_t = tl.program_id(1)
+    hi = tl.program_id(2).to(tl.int64)
+    gi = hi // HPG
+    npb = tl.cdiv(P, BLOCK_P)
+    tb = pid_t // npb
+    ot = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    op = (pid_t % npb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    clen = tl.minimum(CS, L - c * CS)
+    tm = ot < clen
+    pm = op < P
+    pt = (c * CS + ot).to(tl.int64)
+    cum_t = tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c) * CS + ot, mask=tm, other=0.0)
+    if HAS_SEQ:
+        sq_t = tl.load(seq_ptr + bi * ss0 + pt * ss1, mask=tm, other=-1)
+    t_first = c * CS + tb * BLOCK_T
+    t_last = tl.minimum(L, t_first + BLOCK_T) - 1
+    s_min = tl.maximum(t_first - W + 1, 0)
+    acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
+    off = _zero_scalar(ACC)
+    for cc in range(0, c - s_min // CS + 1):
+        c2 = c - cc
+        cb2 = ((bi * NH + hi) * NCHUNK + c2) * CS
+        off += tl.where(cc > 0, tl.load(cum_ptr + cb2 + CS - 1), 0.0)
+        s_lo = tl.maximum(s_min - c2 * CS, 0)
+        s_hi = tl.minimum(t_last - c2 * CS + 1, CS)
+        for s0 in range(s_lo, s_hi, BLOCK_K):
+            os = s0 + tl.arange(0, BLOCK_K)
+            sm = os < s_hi
+            ps = (c2 * CS + os).to(tl.int64)
+            band = tm[:, None] & sm[None, :] & (ps[None, :] <= pt[:, None]) & (ps[None, :] > pt[:, None] - W)
+            if HAS_SEQ:
+                sq_s = tl.load(seq_ptr + bi * ss0 + ps * ss1, mask=sm, other=-2)
+                band = band & (sq_s[None, :] == sq_t[:, None])
+            cb = tl.zeros([BLOCK_T, BLOCK_K], dtype=ACC)
+            for n0 in range(0, N, BLOCK_N):
+                on = n0 + tl.arange(0, BLOCK_N)
+                nm = on < N
+                ct = tl.load(C_ptr + bi * cs0 + pt[:, None] * cs1 + gi * cs2 + on[None, :] * cs3,
+                             mask=tm[:, None] & nm[None, :], other=0.0)
+                bt = tl.load(B_ptr + bi * bs0 + ps[None, :] * bs1 + gi * bs2 + on[:, None] * bs3,
+                             mask=nm[:, None] & sm[None, :], other=0.0)
+                cb += tl.dot(ct.to(DOT), bt.to(DOT), input_precision=PREC, out_dtype=ACC)
+            cum_s = tl.load(cum_ptr + cb2 + os, mask=sm, other=0.0)
+            d_s = tl.load(dtp_ptr + cb2 + os, mask=sm, other=0.0)
+            w = tl.where(band, cb * tl.exp(cum_t[:, None] - cum_s[None, :] + off), 0.0) * d_s[None, :]
+            xs = tl.load(x_ptr + bi * xs0 + ps[:, None] * xs1 + hi * xs2 + op[None, :] * xs3,
+                         mask=sm[:, None] & pm[None, :], other=0.0)
+            acc += tl.dot(w.to(DOT), xs.to(DOT), input_precision=PREC, out_dtype=ACC)
+    m2 = tm[:, None] & pm[None, :]
+    if HAS_D:
+        xt = tl.load(x_ptr + bi * xs0 + pt[:, None] * xs1 + hi * xs2 + op[None, :] * xs3, mask=m2, other=0.0)
+        acc += tl.load(D_ptr + hi * P + op, mask=pm, other=0.0).to(ACC)[None, :] * xt.to(ACC)
+    oo = ((bi * L + pt[:, None]) * NH + hi) * P + op[None, :]
+    if SAVE_Y:
+        tl.store(y_ptr + oo, acc.to(y_ptr.dtype.element_ty), mask=m2)
+    if HAS_Z:
+        zt = tl.load(z_ptr + bi * zs0 + pt[:, None] * zs1 + hi * zs2 + op[None, :] * zs3, mask=m2, other=0.0)
+        zt = zt.to(ACC)
+        acc = acc * zt * sigmoid(zt)
+    tl.store(out_ptr + oo, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _window_final_kernel(x_ptr, B_ptr, dtp_ptr, cum_ptr, final_ptr,
+                         L, NH, P, N, HPG, CS, NCHUNK, W,
+                         xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3, seq_ptr, ss0, ss1,
+                         HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The windowed final state Σ_{s > L−1−W} P(s, L−1] Δ_s x_s ⊗ B_s (of the last sequence with seq_idx)."""
+    pid_t = tl.program_id(0)
+    bi = tl.program_id(1).to(tl.int64)
+    hi = tl.program_id(2).to(tl.int64)
+    gi = hi // HPG
+    nnb = tl.cdiv(N, BLOCK_N)
+    op = (pid_t // nnb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    on = (pid_t % nnb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pm = op < P
+    nm = on < N
+    c_last = (L - 1) // CS
+    cl_end = tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c_last) * CS + CS - 1)
+    if HAS_SEQ:
+        sq_end = tl.load(seq_ptr + bi * ss0 + (L - 1) * ss1)
+    s_min = tl.maximum(L - W, 0)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
+    off = _zero_scalar(ACC)
+    for cc in range(0, c_last - s_min // CS + 1):
+        c2 = c_last - cc
+        cb2 = ((bi * NH + hi) * NCHUNK + c2) * CS
+        off += tl.where(cc > 0, tl.load(cum_ptr + cb2 + CS - 1), 0.0)
+        s_lo = tl.maximum(s_min - c2 * CS, 0)
+        s_hi = tl.minimum(L - c2 * CS, CS)
+        for k0 in range(s_lo, s_hi, BLOCK_K):
+            ok = k0 + tl.arange(0, BLOCK_K)
+            km = ok < s_hi
+            pos = (c2 * CS + ok).to(tl.int64)
+            keep = km
+            if HAS_SEQ:
+                keep = keep & (tl.load(seq_ptr + bi * ss0 + pos * ss1, mask=km, other=-1) == sq_end)
+            xt = tl.load(x_ptr + bi * xs0 + pos[None, :] * xs1 + hi * xs2 + op[:, None] * xs3,
+                         mask=pm[:, None] & km[None, :], other=0.0)
+            bt = tl.load(B_ptr + bi * bs0 + pos[:, None] * bs1 + gi * bs2 + on[None, :] * bs3,
+                         mask=km[:, None] & nm[None, :], other=0.0)
+            cum_k = tl.load(cum_ptr + cb2 + ok, mask=km, other=0.0)
+            d_k = tl.load(dtp_ptr + cb2 + ok, mask=km, other=0.0)
+            sc = tl.where(keep, tl.exp(cl_end - cum_k + off) * d_k, 0.0)
+            acc += tl.dot(xt.to(DOT), (bt.to(ACC) * sc[:, None]).to(DOT), input_precision=PREC, out_dtype=ACC)
+    tl.store(final_ptr + ((bi * NH + hi) * P + op[:, None]) * N + on[None, :], acc, mask=pm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _window_dx_kernel(x_ptr, B_ptr, C_ptr, gy_ptr, y_ptr, dtp_ptr, cum_ptr, gfinal_ptr, D_ptr,
+                      dx_ptr, ddt_ptr, dcy_ptr, dD_ptr,
+                      L, NH, P, N, HPG, CS, NCHUNK, NPB, NTB, W,
+                      xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3, cs0, cs1, cs2, cs3, seq_ptr, ss0, ss1,
+                      HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, HAS_GFINAL: tl.constexpr,
+                      DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For an (s, p) tile: V = Σ_{t in [s, s+W)} (C_t·B_s) P(s, t] gy_t (+ P(s, L−1] B_s gFᵀ for the
+    final state); dx = Δ_s V + D gy; partials Σ_p x V (direct dΔ) and Σ_p gy (y − D x)."""
+    bi, c = _chunk_ids(NCHUNK)
+    pid_t = tl.program_id(1)
+    hi = tl.program_id(2).to(tl.int64)
+    gi = hi // HPG
+    sb = pid_t // NPB
+    pb = pid_t % NPB
+    os = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+    op = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    clen = tl.minimum(CS, L - c * CS)
+    sm = os < clen
+    pm = op < P
+    m2 = sm[:, None] & pm[None, :]
+    ps = (c * CS + os).to(tl.int64)
+    cbase = ((bi * NH + hi) * NCHUNK + c) * CS
+    cum_s = tl.load(cum_ptr + cbase + os, mask=sm, other=0.0)
+    d_s = tl.load(dtp_ptr + cbase + os, mask=sm, other=0.0)
+    if HAS_SEQ:
+        sq_s = tl.load(seq_ptr + bi * ss0 + ps * ss1, mask=sm, other=-1)
+    s_first = c * CS + sb * BLOCK_T
+    s_last = tl.minimum(L, s_first + BLOCK_T) - 1
+    t_max = tl.minimum(s_last + W - 1, L - 1)
+    acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
+    off = _zero_scalar(ACC)
+    for cc in range(0, t_max // CS - c + 1):
+        c2 = c + cc
+        cb2 = ((bi * NH + hi) * NCHUNK + c2) * CS
+        off += tl.where(cc > 0, tl.load(cum_ptr + cb2 - CS + CS - 1), 0.0)   # cum_last of chunk c2 − 1
+        t_lo = tl.maximum(s_first - c2 * CS, 0)
+        t_hi = tl.minimum(t_max - c2 * CS + 1, CS)
+        for t0 in range(t_lo, t_hi, BLOCK_K):
+            ot = t0 + tl.arange(0, BLOCK_K)
+            tm = ot < t_hi
+            pt = (c2 * CS + ot).to(tl.int64)
+            band = sm[:, None] & tm[None, :] & (pt[None, :] >= ps[:, None]) & (pt[None, :] < ps[:, None] + W)
+            if HAS_SEQ:
+                sq_t = tl.load(seq_ptr + bi * ss0 + pt * ss1, mask=tm, other=-2)
+                band = band & (sq_t[None, :] == sq_s[:, None])
+            cbt = tl.zeros([BLOCK_T, BLOCK_K], dtype=ACC)
+            for n0 in range(0, N, BLOCK_N):
+                on = n0 + tl.arange(0, BLOCK_N)
+                nm = on < N
+                bt = tl.load(B_ptr + bi * bs0 + ps[:, None] * bs1 + gi * bs2 + on[None, :] * bs3,
+                             mask=sm[:, None] & nm[None, :], other=0.0)
+                ct = tl.load(C_ptr + bi * cs0 + pt[None, :] * cs1 + gi * cs2 + on[:, None] * cs3,
+                             mask=nm[:, None] & tm[None, :], other=0.0)
+                cbt += tl.dot(bt.to(DOT), ct.to(DOT), input_precision=PREC, out_dtype=ACC)
+            cum_t = tl.load(cum_ptr + cb2 + ot, mask=tm, other=0.0)
+            w = tl.where(band, cbt * tl.exp(cum_t[None, :] - cum_s[:, None] + off), 0.0)
+            gt = tl.load(gy_ptr + ((bi * L + pt[:, None]) * NH + hi) * P + op[None, :],
+                         mask=tm[:, None] & pm[None, :], other=0.0)
+            acc += tl.dot(w.to(DOT), gt.to(DOT), input_precision=PREC, out_dtype=ACC)
+    if HAS_GFINAL:
+        if s_last > L - 1 - W:   # some rows of this tile are inside the final state's window
+            c_last = (L - 1) // CS
+            offf = _zero_scalar(ACC)
+            for c3 in range(c, c_last):
+                offf += tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c3) * CS + CS - 1)
+            cl_end = tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c_last) * CS + CS - 1)
+            keep = sm & (ps > L - 1 - W)
+            if HAS_SEQ:
+                keep = keep & (sq_s == tl.load(seq_ptr + bi * ss0 + (L - 1) * ss1))
+            accf = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
+            for n0 in range(0, N, BLOCK_N):
+                on = n0 + tl.arange(0, BLOCK_N)
+                nm = on < N
+                bt = tl.load(B_ptr + bi * bs0 + ps[:, None] * bs1 + gi * bs2 + on[None, :] * bs3,
+                             mask=sm[:, None] & nm[None, :], other=0.0)
+                gf = tl.load(gfinal_ptr + ((bi * NH + hi) * P + op[None, :]) * N + on[:, None],
+                             mask=nm[:, None] & pm[None, :], other=0.0)
+                accf += tl.dot(bt.to(DOT), gf.to(DOT), input_precision=PREC, out_dtype=ACC)
+            acc += accf * tl.where(keep, tl.exp(cl_end - cum_s + offf), 0.0)[:, None]
+    xs = tl.load(x_ptr + bi * xs0 + ps[:, None] * xs1 + hi * xs2 + op[None, :] * xs3, mask=m2, other=0.0).to(ACC)
+    rows = ((bi * L + ps[:, None]) * NH + hi) * P + op[None, :]
+    gs = tl.load(gy_ptr + rows, mask=m2, other=0.0).to(ACC)
+    ys = tl.load(y_ptr + rows, mask=m2, other=0.0).to(ACC)
+    dx = d_s[:, None] * acc
+    if HAS_D:
+        Dv = tl.load(D_ptr + hi * P + op, mask=pm, other=0.0).to(ACC)
+        dx += Dv[None, :] * gs
+        ys -= Dv[None, :] * xs
+        tl.store(dD_ptr + (((bi * NCHUNK + c) * NTB + sb) * NH + hi) * P + op, tl.sum(gs * xs, axis=0), mask=pm)
+    tl.store(dx_ptr + rows, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+    part = (cbase * NPB + pb * CS) + os
+    tl.store(ddt_ptr + part, tl.sum(xs * acc, axis=1), mask=os < CS)
+    tl.store(dcy_ptr + part, tl.sum(gs * ys, axis=1), mask=os < CS)
+
+
+@triton.jit
+def _window_dbc_kernel(x_ptr, gy_ptr, B_ptr, C_ptr, dtp_ptr, cum_ptr, gfinal_ptr, out_ptr,
+                       L, NH, P, N, HPG, G, CS, NCHUNK, W,
+                       xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3, cs0, cs1, cs2, cs3, seq_ptr, ss0, ss1,
+                       IS_DB: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_GFINAL: tl.constexpr,
+                       DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dC (IS_DB False): dC_r = Σ_h Σ_{s in (r−W, r]} (gy_r·x_s) P(s, r] Δ_s B_s;
+    dB (IS_DB True):  dB_r = Σ_h Σ_{t in [r, r+W)} (gy_t·x_r) P(r, t] Δ_r C_t (+ the final state's
+    P(r, L−1] Δ_r x_r g_F). Rows r of one chunk, an n tile, summed over the group's heads; fp32 (b, l, g, n)."""
+    bi, c = _chunk_ids(NCHUNK)
+    pid_t = tl.program_id(1)
+    gi = tl.program_id(2).to(tl.int64)
+    nnb = tl.cdiv(N, BLOCK_N)
+    tb = pid_t // nnb
+    orr = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    on = (pid_t % nnb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    clen = tl.minimum(CS, L - c * CS)
+    rm = orr < clen
+    nm = on < N
+    pr = (c * CS + orr).to(tl.int64)
+    if HAS_SEQ:
+        sq_r = tl.load(seq_ptr + bi * ss0 + pr * ss1, mask=rm, other=-1)
+    r_first = c * CS + tb * BLOCK_T
+    r_last = tl.minimum(L, r_first + BLOCK_T) - 1
+    if IS_DB:
+        o_min = r_first
+        o_max = tl.minimum(r_last + W - 1, L - 1)
+        c_from = c
+        n_c = o_max // CS - c + 1
+    else:
+        o_min = tl.maximum(r_first - W + 1, 0)
+        o_max = r_last
+        c_from = c
+        n_c = c - o_min // CS + 1
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
+    for j in range(0, HPG):
+        hi = gi * HPG + j
+        cbase = ((bi * NH + hi) * NCHUNK + c) * CS
+        cum_r = tl.load(cum_ptr + cbase + orr, mask=rm, other=0.0)
+        d_r = tl.load(dtp_ptr + cbase + orr, mask=rm, other=0.0)
+        off = _zero_scalar(ACC)
+        for cc in range(0, n_c):
+            if IS_DB:
+                c2 = c_from + cc
+                off += tl.where(cc > 0, tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c2 - 1) * CS + CS - 1), 0.0)
+            else:
+                c2 = c_from - cc
+                off += tl.where(cc > 0, tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c2) * CS + CS - 1), 0.0)
+            cb2 = ((bi * NH + hi) * NCHUNK + c2) * CS
+            o_lo = tl.maximum(o_min - c2 * CS, 0)
+            o_hi = tl.minimum(o_max - c2 * CS + 1, CS)
+            for k0 in range(o_lo, o_hi, BLOCK_K):
+                ok = k0 + tl.arange(0, BLOCK_K)
+                km = ok < o_hi
+                po = (c2 * CS + ok).to(tl.int64)
+                if IS_DB:   # other index = t ≥ r
+                    band = rm[:, None] & km[None, :] & (po[None, :] >= pr[:, None]) & (po[None, :] < pr[:, None] + W)
+                else:       # other index = s ≤ r
+                    band = rm[:, None] & km[None, :] & (po[None, :] <= pr[:, None]) & (po[None, :] > pr[:, None] - W)
+                if HAS_SEQ:
+                    sq_o = tl.load(seq_ptr + bi * ss0 + po * ss1, mask=km, other=-2)
+                    band = band & (sq_o[None, :] == sq_r[:, None])
+                dm = tl.zeros([BLOCK_T, BLOCK_K], dtype=ACC)
+                for p0 in range(0, P, BLOCK_K):
+                    opp = p0 + tl.arange(0, BLOCK_K)
+                    ppm = opp < P
+                    if IS_DB:   # x_r · gy_t
+                        a_ = tl.load(x_ptr + bi * xs0 + pr[:, None] * xs1 + hi * xs2 + opp[None, :] * xs3,
+                                     mask=rm[:, None] & ppm[None, :], other=0.0)
+                        b_ = tl.load(gy_ptr + ((bi * L + po[None, :]) * NH + hi) * P + opp[:, None],
+                                     mask=ppm[:, None] & km[None, :], other=0.0)
+                    else:       # gy_r · x_s
+                        a_ = tl.load(gy_ptr + ((bi * L + pr[:, None]) * NH + hi) * P + opp[None, :],
+                                     mask=rm[:, None] & ppm[None, :], other=0.0)
+                        b_ = tl.load(x_ptr + bi * xs0 + po[None, :] * xs1 + hi * xs2 + opp[:, None] * xs3,
+                                     mask=ppm[:, None] & km[None, :], other=0.0)
+                    dm += tl.dot(a_.to(DOT), b_.to(DOT), input_precision=PREC, out_dtype=ACC)
+                cum_o = tl.load(cum_ptr + cb2 + ok, mask=km, other=0.0)
+                if IS_DB:
+                    w = tl.where(band, dm * tl.exp(cum_o[None, :] - cum_r[:, None] + off), 0.0) * d_r[:, None]
+                    mt = tl.load(C_ptr + bi * cs0 + po[:, None] * cs1 + gi * cs2 + on[None, :] * cs3,
+                                 mask=km[:, None] & nm[None, :], other=0.0)
+                else:
+                    d_o = tl.load(dtp_ptr + cb2 + ok, mask=km, other=0.0)
+                    w = tl.where(band, dm * tl.exp(cum_r[:, None] - cum_o[None, :] + off), 0.0) * d_o[None, :]
+                    mt = tl.load(B_ptr + bi * bs0 + po[:, None] * bs1 + gi * bs2 + on[None, :] * bs3,
+                                 mask=km[:, None] & nm[None, :], other=0.0)
+                acc += tl.dot(w.to(DOT), mt.to(DOT), input_precision=PREC, out_dtype=ACC)
+        if IS_DB:
+            if HAS_GFINAL:
+                if r_last > L - 1 - W:
+                    c_last = (L - 1) // CS
+                    offf = _zero_scalar(ACC)
+                    for c3 in range(c, c_last):
+                        offf += tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c3) * CS + CS - 1)
+                    cl_end = tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c_last) * CS + CS - 1)
+                    keep = rm & (pr > L - 1 - W)
+                    if HAS_SEQ:
+                        keep = keep & (sq_r == tl.load(seq_ptr + bi * ss0 + (L - 1) * ss1))
+                    accf = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
+                    for p0 in range(0, P, BLOCK_K):
+                        opp = p0 + tl.arange(0, BLOCK_K)
+                        ppm = opp < P
+                        xt = tl.load(x_ptr + bi * xs0 + pr[:, None] * xs1 + hi * xs2 + opp[None, :] * xs3,
+                                     mask=rm[:, None] & ppm[None, :], other=0.0)
+                        gf = tl.load(gfinal_ptr + ((bi * NH + hi) * P + opp[:, None]) * N + on[None, :],
+                                     mask=ppm[:, None] & nm[None, :], other=0.0)
+                        accf += tl.dot(xt.to(DOT), gf.to(DOT), input_precision=PREC, out_dtype=ACC)
+                    acc += accf * (tl.where(keep, tl.exp(cl_end - cum_r + offf), 0.0) * d_r)[:, None]
+    tl.store(out_ptr + ((bi * L + pr[:, None]) * G + gi) * N + on[None, :], acc, mask=rm[:, None] & nm[None, :])
+
+
 # --------------------------------------------------------------------------- launchers -------
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -793,16 +1134,21 @@ def _cb(B, C, b, l, g, n, cs, k, acc, ACC, DOT, PREC):
 
 
 def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, decay_scale,
-            state_norm_max, save_for_backward, seq_idx=None):
+            state_norm_max, save_for_backward, seq_idx=None, window=None):
     """Chunked SSD forward.
 
     x (b, l, h, p) fp16/bf16/fp32/fp64; dt (b, l, h); A (h,); B, C (b, l, g, n); D (h, p) or None;
     z like x or None; dt_bias (h,) or None; initial_states (b, h, p, n) or None; state_norm_max
     0.0 = off. Returns (out (b, l, h, p) in x's dtype, final_states (b, h, p, n) fp32 (fp64 for
     fp64 x), saved) where ``saved`` is an opaque tuple for ``backward`` (None unless
-    save_for_backward). ``seq_idx`` (b, l) int32, non-decreasing per row: the state resets where it
-    changes (initial_states belong to each row's first sequence); not with state_norm_max. The chunk's entering states S (b, k, h, p, n), CB (b, k, g, cs, cs),
-    Δ and cum (b, h, k, cs), the norms at the boundaries and y (z given) are what it holds."""
+    save_for_backward): the chunks' entering states S (b, k, h, p, n), CB (b, k, g, cs, cs), Δ and cum
+    (b, h, k, cs), the norms at the boundaries, y (z given), seq_idx and window.
+
+    ``seq_idx`` (b, l) int32, non-decreasing per row: the state resets where it changes
+    (initial_states belong to each row's first sequence); not with state_norm_max.
+    ``window=W`` (int >= 1): the sliding-window form y_t = C_t·Σ_{s=t−W+1..t} P(s, t] Δ_s x_s B_sᵀ + D x_t
+    (banded kernels, no carried state); final_states is then the windowed state at the last step.
+    Not with initial_states or state_norm_max."""
     x, z, B, C = _safe(x), _safe(z), _safe(B), _safe(C)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -817,15 +1163,39 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
             final.copy_(initial_states)
         else:
             final.zero_()
-        saved = (None,) * 6 + (out, seq_idx) if save_for_backward else None
+        saved = dict(y=out, seq_idx=seq_idx, window=window) if save_for_backward else None
         return out, final, saved
     par = _params(x, decay_scale, state_norm_max, dt_min, dt_max)
     norm_max = state_norm_max > 0
     if seq_idx is not None and norm_max:
         raise ValueError("ssd_scan (chunked): state_norm_max with seq_idx acts at positions relative to each "
                          "sequence's start, not at the chunk boundaries; use the recurrent path")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"ssd_scan (chunked): window must be an int >= 1, got {window!r}")
+        if initial_states is not None or norm_max:
+            raise ValueError("ssd_scan (chunked): window holds only the last W inputs; it is not defined with "
+                             "initial_states or state_norm_max")
     sq, sqs = _seq(seq_idx, x)
     dtp, cum = _cumsum_fwd(dt, A, dt_bias, par, b, l, h, cs, k, dt_softplus, acc, ACC)
+    save_y = bool(save_for_backward) and z is not None
+    y = torch.empty(b, l, h, p, dtype=x.dtype, device=dev) if save_y else out
+    zz = z if z is not None else x
+    if window is not None:
+        W = min(int(window), l + 1)   # a window past the start holds everything
+        t = _tile("chunk_scan", BLOCK_T=cs, BLOCK_P=p, BLOCK_K=cs, BLOCK_N=n)
+        wrap_triton(_window_scan_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(p, t["BLOCK_P"]), h)](
+            x, zz, B, C, dtp, cum, D if D is not None else _dummy(x, acc), out, y,
+            l, h, p, n, h // g, cs, k, W, *x.stride(), *zz.stride(), *B.stride(), *C.stride(), sq, *sqs,
+            HAS_SEQ=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=save_y,
+            DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        t = _tile("chunk_state", BLOCK_P=p, BLOCK_N=n, BLOCK_K=cs)
+        wrap_triton(_window_final_kernel)[(triton.cdiv(p, t["BLOCK_P"]) * triton.cdiv(n, t["BLOCK_N"]), b, h)](
+            x, B, dtp, cum, final, l, h, p, n, h // g, cs, k, W, *x.stride(), *B.stride(), sq, *sqs,
+            HAS_SEQ=seq_idx is not None, DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        saved = dict(dtp=dtp, cum=cum, par=par, y=y, seq_idx=seq_idx, window=W, final=final) \
+            if save_for_backward else None
+        return out, final, saved
 
     t = _tile("chunk_state", BLOCK_P=p, BLOCK_N=n, BLOCK_K=cs)
     st = torch.empty(b, k, h, p, n, dtype=acc, device=dev)
@@ -847,15 +1217,67 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
     cb = _cb(B, C, b, l, g, n, cs, k, acc, ACC, DOT, PREC)
 
     t = _tile("chunk_scan", BLOCK_T=cs, BLOCK_P=p, BLOCK_K=cs, BLOCK_N=n)
-    save_y = bool(save_for_backward) and z is not None
-    y = torch.empty(b, l, h, p, dtype=x.dtype, device=dev) if save_y else out
-    zz = z if z is not None else x
     wrap_triton(_chunk_scan_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(p, t["BLOCK_P"]), h)](
         x, zz, C, cb, dtp, cum, S, D if D is not None else _dummy(x, acc), out, y,
         l, h, p, n, h // g, g, cs, k, *x.stride(), *zz.stride(), *C.stride(), sq, *sqs,
         HAS_SEQ=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=save_y, DOT=DOT, PREC=PREC, ACC=ACC, **t)
-    saved = (dtp, cum, S, norms if norm_max else None, cb, par, y, seq_idx) if save_for_backward else None
+    saved = dict(dtp=dtp, cum=cum, S=S, norms=norms if norm_max else None, cb=cb, par=par, y=y, seq_idx=seq_idx,
+                 window=None) if save_for_backward else None
     return out, final, saved
+
+
+def _window_backward(gy, gfinal, x, dt, A, B, C, D, dt_bias, saved, cs, dt_softplus, sq, sqs,
+                     dx, dz, ddt, dA, dB, dC, dD, dbias):
+    """Backward of the sliding-window form (see _window_dx_kernel / _window_dbc_kernel). The cum
+    gradient of a step is Σ_p gy·(y − Dx) − Δ·(direct dΔ) (+ ⟨g_F, final⟩ at the last step); the
+    log-decay gradient sums it over all later steps: inside a chunk by the reverse cumsum of
+    _cumsum_bwd_kernel, across chunks by an fp64 suffix sum of the chunk totals (passed as the
+    kernel's per-chunk constant)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    acc, ACC, DOT, PREC = _types(x)
+    k = triton.cdiv(l, cs)
+    dev = x.device
+    dtp, cum, par, y, W, final = (saved[key] for key in ("dtp", "cum", "par", "y", "window", "final"))
+    hs = saved["seq_idx"] is not None
+    gf = gfinal.to(acc).contiguous() if gfinal is not None else None
+    t = _tile("dx", BLOCK_T=cs, BLOCK_P=p, BLOCK_K=cs, BLOCK_N=n)
+    npb = triton.cdiv(p, t["BLOCK_P"])
+    ntb = triton.cdiv(cs, t["BLOCK_T"])
+    ddtp = torch.empty(b, h, k, npb, cs, dtype=acc, device=dev)
+    dcy = torch.empty_like(ddtp)
+    dDp = torch.empty(b, k, ntb, h, p, dtype=acc, device=dev) if D is not None else None
+    wrap_triton(_window_dx_kernel)[(b * k, ntb * npb, h)](
+        x, B, C, gy, y, dtp, cum, gf if gf is not None else _dummy(x, acc), D if D is not None else _dummy(x, acc),
+        dx, ddtp, dcy, dDp if dDp is not None else _dummy(x, acc),
+        l, h, p, n, h // g, cs, k, npb, ntb, W, *x.stride(), *B.stride(), *C.stride(), sq, *sqs,
+        HAS_SEQ=hs, HAS_D=D is not None, HAS_GFINAL=gf is not None, DOT=DOT, PREC=PREC, ACC=ACC, **t)
+    if dD is not None:
+        dD.copy_(dDp.sum(dim=(0, 1, 2)))
+    t = _tile("dbc", BLOCK_T=cs, BLOCK_N=n, BLOCK_K=min(cs, p))
+    for is_db, dst in ((False, dC), (True, dB)):
+        wrap_triton(_window_dbc_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(n, t["BLOCK_N"]), g)](
+            x, gy, B, C, dtp, cum, gf if gf is not None else _dummy(x, acc), dst,
+            l, h, p, n, h // g, g, cs, k, W, *x.stride(), *B.stride(), *C.stride(), sq, *sqs,
+            IS_DB=is_db, HAS_SEQ=hs, HAS_GFINAL=gf is not None, DOT=DOT, PREC=PREC, ACC=ACC, **t)
+    # per-chunk constant of the log-decay gradient: the cum gradient of every later step
+    tot = (dcy.sum(3) - dtp * ddtp.sum(3)).double().sum(-1)                      # (b, h, k)
+    gfterm = (gf.double() * final.double()).sum((-1, -2)) if gf is not None else torch.zeros(b, h, dtype=torch.float64, device=dev)
+    tot[..., -1] += gfterm
+    carry = tot.flip(-1).cumsum(-1).flip(-1) - tot                                 # Σ over chunks after c
+    carry[..., -1] += gfterm
+    dcl = carry.to(acc).contiguous()
+    dAp = torch.empty(b, k, h, dtype=acc, device=dev)
+    dbp = torch.empty(b, k, h, dtype=acc, device=dev)
+    wrap_triton(_cumsum_bwd_kernel)[(b * k, h)](
+        dt, A, dt_bias if dt_bias is not None else _dummy(x, acc), par, dtp, ddtp, torch.zeros_like(ddtp), dcy, dcl,
+        ddt, dAp, dbp, l, h, cs, k, npb, 1, *dt.stride(),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), ACC=ACC,
+        BLOCK_CS=max(16, triton.next_power_of_2(cs)), BLOCK_B=16)
+    dA.copy_(dAp.sum(dim=(0, 1)))
+    if dbias is not None:
+        dbias.copy_(dbp.sum(dim=(0, 1)))
+    return dx, dz, ddt, dA, dB, dC, dD, dbias, None
 
 
 def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved, chunk_size, dt_softplus, dt_min,
@@ -887,7 +1309,7 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
         if dinit is not None and gfinal is not None:
             dinit.copy_(gfinal)
         return dx, dz, ddt, dA, dB, dC, dD, dbias, dinit
-    dtp, cum, S, norms, cb, par, y, seq_idx = saved
+    dtp, cum, par, y, seq_idx, window = (saved[key] for key in ("dtp", "cum", "par", "y", "seq_idx", "window"))
     sq, sqs = _seq(seq_idx, x)
     hs = seq_idx is not None
     norm_max = state_norm_max > 0
@@ -901,6 +1323,10 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
             gout, z, y, gy, dz, b * l * h, l, h, p, *gout.stride(), *z.stride(), ACC=ACC, BLOCK_R=32, BLOCK_P=bp)
     else:
         gy = gout.to(x.dtype).contiguous()
+    if window is not None:
+        return _window_backward(gy, gfinal, x, dt, A, B, C, D, dt_bias, saved, cs, dt_softplus, sq, sqs,
+                                dx, dz, ddt, dA, dB, dC, dD, dbias)
+    S, norms, cb = saved["S"], saved["norms"], saved["cb"]
 
     t = _tile("dstates", BLOCK_P=p, BLOCK_N=n, BLOCK_K=cs)
     dS = torch.empty(b, k, h, p, n, dtype=acc, device=dev)

@@ -232,3 +232,98 @@ def test_seq_idx_with_state_norm_max_raises():
     with pytest.raises(ValueError, match="state_norm_max"):
         K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], None, None, None, None, 4, True, 0.0, INF, 1.0, 1.0,
                   False, seq_idx=torch.zeros(1, 8, dtype=torch.int32, device=DEV))
+
+
+# ------------------------------------------------------------------------------------- window
+
+def ref_window(d, W, softplus, dt_min, dt_max, lam, seq=None):
+    """fp64 banded form, literally: y_t = C_t·Σ_{s=t−W+1..t} (Π_{r=s+1..t} a_r) Δ_s x_s B_sᵀ + D x_t
+    (only s of t's sequence with seq_idx); the final state is the same window at the last step."""
+    x, B, C = d["x"], d["B"], d["C"]
+    b, l, h, p = x.shape
+    hpg = h // B.shape[2]
+    dtv = d["dt"] + (d["dt_bias"] if d["dt_bias"] is not None else 0.0)
+    if softplus:
+        dtv = torch.nn.functional.softplus(dtv)
+    dtv = dtv.clamp(dt_min, dt_max)
+    G = torch.cumsum(math.log(lam) + dtv * d["A"], dim=1).transpose(1, 2)          # (b, h, l)
+    tt = torch.arange(l)
+    band = (tt[None, :] <= tt[:, None]) & (tt[:, None] - tt[None, :] < W)          # [t, s]
+    band = band[None, None].expand(b, h, l, l)
+    if seq is not None:
+        band = band & (seq[:, None, :, None] == seq[:, None, None, :])
+    decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~band, -math.inf))
+    Bh = B.repeat_interleave(hpg, dim=2)
+    Ch = C.repeat_interleave(hpg, dim=2)
+    CB = torch.einsum("bthn,bshn->bhts", Ch, Bh)
+    y = torch.einsum("bhts,bsh,bshp->bthp", CB * decay, dtv, x)
+    if d["D"] is not None:
+        y = y + d["D"] * x
+    if d["z"] is not None:
+        y = y * torch.nn.functional.silu(d["z"])
+    final = torch.einsum("bhs,bsh,bshp,bshn->bhpn", decay[:, :, -1], dtv, x, Bh)
+    return y, final
+
+
+def check_window(W, l=45, cs=16, grads=True, seq=None, g=1, lam=0.97, b=2):
+    h, p, n = 2, 8, 16
+    t = make(b, l, h, g, p, n, torch.float32, init=False)
+    out, fin, saved = K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], None, cs, True,
+                                0.0, INF, lam, 0.0, grads, seq_idx=seq, window=W)
+    d = {k: (v.detach().double().requires_grad_(grads) if v is not None else None) for k, v in t.items()}
+    rout, rfin = ref_window(d, W, True, 0.0, INF, lam, seq.cpu() if seq is not None else None)
+    close(out, rout, torch.float32, "out")
+    close(fin, rfin, torch.float32, "final")
+    if not grads:
+        return
+    gen = torch.Generator().manual_seed(1)
+    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64)
+    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64)
+    ((rout * gout).sum() + (rfin * gfin).sum()).backward()
+    got = K.backward(gout.float().to(DEV), gfin.float().to(DEV), t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
+                     t["z"], t["dt_bias"], None, saved, cs, True, 0.0, INF, lam, 0.0)
+    for name, gk in zip(GRAD_NAMES, got):
+        if name == "initial_states":
+            assert gk is None
+            continue
+        close(gk, d[name].grad, torch.float32, "grad " + name, math.sqrt(b * l) if name in ("A", "dt_bias") else 1.0)
+
+
+@pytest.mark.parametrize("W", [1, 16, 37])
+def test_window_forward(W):
+    """W = 1, W = chunk and W spanning three chunks (l = 45, chunk 16; W inside a chunk: the
+    backward tests)."""
+    check_window(W, grads=False, b=1)
+
+
+@pytest.mark.parametrize("W", [5, 23])
+def test_window_backward(W):
+    check_window(W, g=2 if W == 5 else 1)
+
+
+def test_window_seq_idx():
+    seq = torch.tensor([[0] * 5 + [1] * 20 + [2] * 20, [3] * 32 + [4] * 13], dtype=torch.int32, device=DEV)
+    check_window(9, seq=seq)
+
+
+def test_window_longer_than_sequence_is_the_plain_scan():
+    t = make(1, 30, 2, 1, 8, 16, torch.float32, init=False)
+    a = K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], None, 16, True, 0.0, INF,
+                  0.97, 0.0, False, window=1000)
+    r = run_ref(t, 16, True, 0.0, INF, 0.97, 0.0)
+    close(a[0], r[0], torch.float32, "out")
+    close(a[1], r[1], torch.float32, "final")
+    d = {k: (v.double() if v is not None else None) for k, v in t.items()}   # and so is the test's reference
+    rw = ref_window(d, 1000, True, 0.0, INF, 0.97)
+    torch.testing.assert_close(rw[0], r[0].double(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rw[1], r[1].double(), rtol=1e-9, atol=1e-9)
+
+
+def test_window_rejects_initial_states_and_bad_w():
+    t = make(1, 8, 2, 1, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="initial_states"):
+        K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], None, None, None, t["initial_states"], 4, True, 0.0, INF,
+                  1.0, 0.0, False, window=3)
+    with pytest.raises(ValueError, match="window"):
+        K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], None, None, None, None, 4, True, 0.0, INF, 1.0, 0.0, False,
+                  window=0)
