@@ -892,7 +892,7 @@ def _window_dx_kernel(x_ptr, B_ptr, C_ptr, gy_ptr, y_ptr, dtp_ptr, cum_ptr, gfin
     for cc in range(0, t_max // CS - c + 1):
         c2 = c + cc
         cb2 = ((bi * NH + hi) * NCHUNK + c2) * CS
-        off += tl.where(cc > 0, tl.load(cum_ptr + cb2 - CS + CS - 1), 0.0)   # cum_last of chunk c2 − 1
+        off += tl.load(cum_ptr + cb2 - 1, mask=cc > 0, other=0.0)   # cum_last of chunk c2 − 1 (none for cc = 0)
         t_lo = tl.maximum(s_first - c2 * CS, 0)
         t_hi = tl.minimum(t_max - c2 * CS + 1, CS)
         for t0 in range(t_lo, t_hi, BLOCK_K):
@@ -998,7 +998,7 @@ def _window_dbc_kernel(x_ptr, gy_ptr, B_ptr, C_ptr, dtp_ptr, cum_ptr, gfinal_ptr
         for cc in range(0, n_c):
             if IS_DB:
                 c2 = c_from + cc
-                off += tl.where(cc > 0, tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c2 - 1) * CS + CS - 1), 0.0)
+                off += tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c2) * CS - 1, mask=cc > 0, other=0.0)
             else:
                 c2 = c_from - cc
                 off += tl.where(cc > 0, tl.load(cum_ptr + ((bi * NH + hi) * NCHUNK + c2) * CS + CS - 1), 0.0)

@@ -207,6 +207,26 @@ def ssd_chunked_cases():
             {"x_ptr": f, "gy_ptr": f, "B_ptr": f, "C_ptr": f, "dcb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "S_ptr": a,
              "gst_ptr": a, "dB_ptr": a, "dC_ptr": a, "seq_ptr": "*i32"}, \
             ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + bs + cs + sq, {**typ, "HAS_SEQ": flags, **T("dbc", BLOCK_K=64)}
+        yield "ssd_chunked.window_scan" + tag, K._window_scan_kernel, \
+            {"x_ptr": f, "z_ptr": f, "B_ptr": f, "C_ptr": f, "dtp_ptr": a, "cum_ptr": a, "D_ptr": a, "out_ptr": f,
+             "y_ptr": f, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK", "W"] + xs + zs + bs + cs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, "HAS_Z": flags, "SAVE_Y": flags, **typ, **T("chunk_scan", BLOCK_K=64)}
+        yield "ssd_chunked.window_final" + tag, K._window_final_kernel, \
+            {"x_ptr": f, "B_ptr": f, "dtp_ptr": a, "cum_ptr": a, "final_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK", "W"] + xs + bs + sq, \
+            {"HAS_SEQ": flags, **typ, **T("chunk_state", BLOCK_K=64)}
+        yield "ssd_chunked.window_dx" + tag, K._window_dx_kernel, \
+            {"x_ptr": f, "B_ptr": f, "C_ptr": f, "gy_ptr": f, "y_ptr": f, "dtp_ptr": a, "cum_ptr": a, "gfinal_ptr": a,
+             "D_ptr": a, "dx_ptr": f, "ddt_ptr": a, "dcy_ptr": a, "dD_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK", "NPB", "NTB", "W"] + xs + bs + cs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, "HAS_GFINAL": flags, **typ, **T("dx", BLOCK_K=64)}
+        for is_db in (False, True):
+            yield f"ssd_chunked.window_dbc[{feat},{flags},db={is_db}]", K._window_dbc_kernel, \
+                {"x_ptr": f, "gy_ptr": f, "B_ptr": f, "C_ptr": f, "dtp_ptr": a, "cum_ptr": a, "gfinal_ptr": a,
+                 "out_ptr": a, "seq_ptr": "*i32"}, \
+                ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK", "W"] + xs + bs + cs + sq, \
+                {"IS_DB": is_db, "HAS_SEQ": flags, "HAS_GFINAL": flags, **typ, **T("dbc", BLOCK_K=64)}
         yield "ssd_chunked.cumsum_bwd" + tag, K._cumsum_bwd_kernel, \
             {"dt_ptr": a, "A_ptr": a, "bias_ptr": a, "par_ptr": a, "dtp_ptr": a, "ddtp_ptr": a, "ddts_ptr": a,
              "dcy_ptr": a, "dcl_ptr": a, "ddt_ptr": a, "dA_ptr": a, "dbias_ptr": a}, \
