@@ -51,7 +51,10 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
 # (e.g. the runtime was not preloaded) and a clean run below would mean nothing
 CANARY='import torch, collapsekit._C as C
 h = torch.ones(4, 4); out = torch.empty(5, 4)
-C.normalize_rows(h.data_ptr(), 0, 5, 4, 4, 1, 1e-12, 1.0, out.data_ptr(), 0, 1)'
+a = C.NormalizeRowsArgs()
+a.features, a.feature_dtype, a.R, a.D, a.fs0, a.fs1 = h.data_ptr(), 0, 5, 4, 4, 1
+a.eps, a.scale, a.out, a.inv_norms, a.num_threads = 1e-12, 1.0, out.data_ptr(), 0, 1
+C.normalize_rows(a)'
 if (LD_PRELOAD="$PRELOAD" PYTHONMALLOC=malloc python -c "$CANARY"; exit $?) 2>/tmp/collapsekit-asan-canary.log; then
   echo "asan.sh: the canary out-of-bounds read was NOT detected; ASan is not working" >&2
   exit 1

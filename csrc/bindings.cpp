@@ -1,5 +1,7 @@
-// pybind11 entry points. Every function takes plain integers (data pointers, sizes, strides in
-// elements, dtype codes) so the module has no libtorch ABI dependency; Python validates first.
+// pybind11 entry points. Every kernel takes one named argument struct of plain numbers (data
+// pointers, sizes, strides in elements, dtype codes; declared in the family's header, one field per
+// def_readwrite below) so the module has no libtorch ABI dependency; Python validates first and
+// fills the struct with collapsekit._cargs.fill_args. (selective_scan still takes a flat list.)
 //
 // Each kernel exists once per instruction-set build (namespace base, and avx2 on x86-64);
 // CK_DISPATCH calls the best one this CPU supports, or the one forced with set_isa().
@@ -43,6 +45,17 @@ void set_isa(const std::string& isa) {
   } else throw std::invalid_argument("collapsekit._C.set_isa: isa must be 'auto', 'base' or 'avx2', got '" + isa + "'");
 }
 
+// The fields of LabeledRowsArgs (common.h), shared by ClassSumsArgs and WithinClassArgs.
+template <typename T>
+void bind_labeled_rows(py::class_<T>& c) {
+  c.def(py::init<>())
+      .def_readwrite("features", &T::features).def_readwrite("feature_dtype", &T::feature_dtype)
+      .def_readwrite("N", &T::N).def_readwrite("D", &T::D).def_readwrite("fs0", &T::fs0).def_readwrite("fs1", &T::fs1)
+      .def_readwrite("labels", &T::labels).def_readwrite("label_dtype", &T::label_dtype)
+      .def_readwrite("K", &T::K).def_readwrite("ls0", &T::ls0).def_readwrite("ls1", &T::ls1)
+      .def_readwrite("weights", &T::weights).def_readwrite("ws0", &T::ws0).def_readwrite("ws1", &T::ws1);
+}
+
 }  // namespace
 
 #if defined(COLLAPSEKIT_HAVE_AVX2)
@@ -64,57 +77,91 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_openmp") = false;
 #endif
 
-  using f = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, uintptr_t, int, int64_t, int64_t, int64_t,
-                     uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, int, int);
-  m.def("class_sums", static_cast<f>(CK_DISPATCH(class_sums)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("features"), py::arg("feature_dtype"), py::arg("N"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
-        py::arg("labels"), py::arg("label_dtype"), py::arg("K"), py::arg("ls0"), py::arg("ls1"),
-        py::arg("weights"), py::arg("ws0"), py::arg("ws1"),
-        py::arg("C"), py::arg("sums"), py::arg("counts"), py::arg("path"), py::arg("num_threads"),
+  // One argument struct per entry point (declared in the family's header; fields documented
+  // there), filled from Python by collapsekit._cargs.fill_args. No py::dynamic_attr(): a misspelt
+  // field raises AttributeError instead of being silently ignored.
+  py::class_<ClassSumsArgs> csa(m, "ClassSumsArgs", "arguments of class_sums (see csrc/class_sums.h)");
+  bind_labeled_rows(csa);
+  csa.def_readwrite("C", &ClassSumsArgs::C).def_readwrite("sums", &ClassSumsArgs::sums)
+      .def_readwrite("counts", &ClassSumsArgs::counts).def_readwrite("path", &ClassSumsArgs::path)
+      .def_readwrite("num_threads", &ClassSumsArgs::num_threads);
+  m.def("class_sums", static_cast<void (*)(const ClassSumsArgs&)>(CK_DISPATCH(class_sums)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "sums[C, D], counts[C] (accumulation dtype, contiguous) of weighted feature rows per label");
   m.def("choose_class_sums_path", &choose_class_sums_path);
 
-  using g = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, uintptr_t, int, int64_t, int64_t, int64_t,
-                     uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, int);
-  m.def("within_class_variance", static_cast<g>(CK_DISPATCH(within_class_variance)),
-        py::call_guard<py::gil_scoped_release>(),
-        py::arg("features"), py::arg("feature_dtype"), py::arg("N"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
-        py::arg("labels"), py::arg("label_dtype"), py::arg("K"), py::arg("ls0"), py::arg("ls1"),
-        py::arg("weights"), py::arg("ws0"), py::arg("ws1"),
-        py::arg("C"), py::arg("means"), py::arg("out"), py::arg("num_threads"),
+  py::class_<WithinClassArgs> wca(m, "WithinClassArgs", "arguments of within_class_variance (see csrc/within_class.h)");
+  bind_labeled_rows(wca);
+  wca.def_readwrite("C", &WithinClassArgs::C).def_readwrite("means", &WithinClassArgs::means)
+      .def_readwrite("out", &WithinClassArgs::out).def_readwrite("num_threads", &WithinClassArgs::num_threads);
+  m.def("within_class_variance", static_cast<void (*)(const WithinClassArgs&)>(CK_DISPATCH(within_class_variance)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "out[C] (accumulation dtype) = per-class sum of w * ||h - means[label]||^2; means contiguous, acc dtype");
-  using h = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, uintptr_t, int, int64_t, uintptr_t, int64_t,
-                     int64_t, uintptr_t, uintptr_t, uintptr_t, int);
-  m.def("center_rows", static_cast<h>(CK_DISPATCH(center_rows)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("features"), py::arg("feature_dtype"), py::arg("R"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
-        py::arg("labels"), py::arg("label_dtype"), py::arg("ls0"), py::arg("weights"), py::arg("ws0"),
-        py::arg("C"), py::arg("means"), py::arg("out"), py::arg("out_weights"), py::arg("num_threads"),
+  py::class_<CenterRowsArgs>(m, "CenterRowsArgs", "arguments of center_rows (see csrc/within_class.h)")
+      .def(py::init<>())
+      .def_readwrite("features", &CenterRowsArgs::features).def_readwrite("feature_dtype", &CenterRowsArgs::feature_dtype)
+      .def_readwrite("R", &CenterRowsArgs::R).def_readwrite("D", &CenterRowsArgs::D)
+      .def_readwrite("fs0", &CenterRowsArgs::fs0).def_readwrite("fs1", &CenterRowsArgs::fs1)
+      .def_readwrite("labels", &CenterRowsArgs::labels).def_readwrite("label_dtype", &CenterRowsArgs::label_dtype)
+      .def_readwrite("ls0", &CenterRowsArgs::ls0).def_readwrite("weights", &CenterRowsArgs::weights)
+      .def_readwrite("ws0", &CenterRowsArgs::ws0).def_readwrite("C", &CenterRowsArgs::C)
+      .def_readwrite("means", &CenterRowsArgs::means).def_readwrite("out", &CenterRowsArgs::out)
+      .def_readwrite("out_weights", &CenterRowsArgs::out_weights)
+      .def_readwrite("num_threads", &CenterRowsArgs::num_threads);
+  m.def("center_rows", static_cast<void (*)(const CenterRowsArgs&)>(CK_DISPATCH(center_rows)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "out[R, D] = features - means[labels] (zero rows for out-of-range labels), out_weights[R] = weights");
 
-  using p = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int,
-                     double, uintptr_t, int);
-  m.def("pairwise_tile_sums", static_cast<p>(CK_DISPATCH(pairwise_tile_sums)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("gram"), py::arg("gram_dtype"), py::arg("ta"), py::arg("tb"), py::arg("gs0"),
-        py::arg("norms2_a"), py::arg("norms2_b"), py::arg("var_a"), py::arg("var_b"), py::arg("strict_upper"),
-        py::arg("inv_k1"), py::arg("out"), py::arg("num_threads"),
+  py::class_<PairwiseTileArgs>(m, "PairwiseTileArgs", "arguments of pairwise_tile_sums (see csrc/pairwise.h)")
+      .def(py::init<>())
+      .def_readwrite("gram", &PairwiseTileArgs::gram).def_readwrite("gram_dtype", &PairwiseTileArgs::gram_dtype)
+      .def_readwrite("ta", &PairwiseTileArgs::ta).def_readwrite("tb", &PairwiseTileArgs::tb)
+      .def_readwrite("gs0", &PairwiseTileArgs::gs0)
+      .def_readwrite("norms2_a", &PairwiseTileArgs::norms2_a).def_readwrite("norms2_b", &PairwiseTileArgs::norms2_b)
+      .def_readwrite("var_a", &PairwiseTileArgs::var_a).def_readwrite("var_b", &PairwiseTileArgs::var_b)
+      .def_readwrite("strict_upper", &PairwiseTileArgs::strict_upper)
+      .def_readwrite("inv_k1", &PairwiseTileArgs::inv_k1).def_readwrite("out", &PairwiseTileArgs::out)
+      .def_readwrite("num_threads", &PairwiseTileArgs::num_threads);
+  m.def("pairwise_tile_sums", static_cast<void (*)(const PairwiseTileArgs&)>(CK_DISPATCH(pairwise_tile_sums)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "out[6] (fp64) += pair count, sums of cos, cos^2, |cos + 1/(K-1)|, log-kernel, CDNV over one Gram tile");
 
-  using q = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, uintptr_t, double, int64_t, uintptr_t, uintptr_t, int);
-  m.def("argmin_tile_update", static_cast<q>(CK_DISPATCH(argmin_tile_update)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("dots"), py::arg("dtype"), py::arg("R"), py::arg("T"), py::arg("ds0"), py::arg("offsets"),
-        py::arg("alpha"), py::arg("col0"), py::arg("best"), py::arg("best_idx"), py::arg("num_threads"),
+  py::class_<ArgminTileArgs>(m, "ArgminTileArgs", "arguments of argmin_tile_update (see csrc/nearest_center.h)")
+      .def(py::init<>())
+      .def_readwrite("dots", &ArgminTileArgs::dots).def_readwrite("dtype", &ArgminTileArgs::dtype)
+      .def_readwrite("R", &ArgminTileArgs::R).def_readwrite("T", &ArgminTileArgs::T)
+      .def_readwrite("ds0", &ArgminTileArgs::ds0).def_readwrite("offsets", &ArgminTileArgs::offsets)
+      .def_readwrite("alpha", &ArgminTileArgs::alpha).def_readwrite("col0", &ArgminTileArgs::col0)
+      .def_readwrite("best", &ArgminTileArgs::best).def_readwrite("best_idx", &ArgminTileArgs::best_idx)
+      .def_readwrite("num_threads", &ArgminTileArgs::num_threads);
+  m.def("argmin_tile_update", static_cast<void (*)(const ArgminTileArgs&)>(CK_DISPATCH(argmin_tile_update)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "running arg-min of offsets[j] + alpha * dots[r, j] over one [R, T] tile (best/best_idx updated in place)");
 
-  using e1 = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, double, double, uintptr_t, uintptr_t, int);
-  m.def("normalize_rows", static_cast<e1>(CK_DISPATCH(normalize_rows)), py::call_guard<py::gil_scoped_release>(),
-        py::arg("features"), py::arg("feature_dtype"), py::arg("R"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
-        py::arg("eps"), py::arg("scale"), py::arg("out"), py::arg("inv_norms"), py::arg("num_threads"),
+  py::class_<NormalizeRowsArgs>(m, "NormalizeRowsArgs", "arguments of normalize_rows (see csrc/etf_logits.h)")
+      .def(py::init<>())
+      .def_readwrite("features", &NormalizeRowsArgs::features)
+      .def_readwrite("feature_dtype", &NormalizeRowsArgs::feature_dtype)
+      .def_readwrite("R", &NormalizeRowsArgs::R).def_readwrite("D", &NormalizeRowsArgs::D)
+      .def_readwrite("fs0", &NormalizeRowsArgs::fs0).def_readwrite("fs1", &NormalizeRowsArgs::fs1)
+      .def_readwrite("eps", &NormalizeRowsArgs::eps).def_readwrite("scale", &NormalizeRowsArgs::scale)
+      .def_readwrite("out", &NormalizeRowsArgs::out).def_readwrite("inv_norms", &NormalizeRowsArgs::inv_norms)
+      .def_readwrite("num_threads", &NormalizeRowsArgs::num_threads);
+  m.def("normalize_rows", static_cast<void (*)(const NormalizeRowsArgs&)>(CK_DISPATCH(normalize_rows)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "out[R, D] (acc dtype) = scale * h / max(||h||, eps); inv_norms[R] = 1 / max(||h||, eps) (0 = not wanted)");
-  using e2 = void (*)(uintptr_t, int, int64_t, int64_t, int64_t, int64_t, double, uintptr_t, int);
-  m.def("normalize_rows_backward", static_cast<e2>(CK_DISPATCH(normalize_rows_backward)),
-        py::call_guard<py::gil_scoped_release>(),
-        py::arg("features"), py::arg("feature_dtype"), py::arg("R"), py::arg("D"), py::arg("fs0"), py::arg("fs1"),
-        py::arg("eps"), py::arg("grad"), py::arg("num_threads"),
+  py::class_<NormalizeRowsBackwardArgs>(m, "NormalizeRowsBackwardArgs",
+                                        "arguments of normalize_rows_backward (see csrc/etf_logits.h)")
+      .def(py::init<>())
+      .def_readwrite("features", &NormalizeRowsBackwardArgs::features)
+      .def_readwrite("feature_dtype", &NormalizeRowsBackwardArgs::feature_dtype)
+      .def_readwrite("R", &NormalizeRowsBackwardArgs::R).def_readwrite("D", &NormalizeRowsBackwardArgs::D)
+      .def_readwrite("fs0", &NormalizeRowsBackwardArgs::fs0).def_readwrite("fs1", &NormalizeRowsBackwardArgs::fs1)
+      .def_readwrite("eps", &NormalizeRowsBackwardArgs::eps).def_readwrite("grad", &NormalizeRowsBackwardArgs::grad)
+      .def_readwrite("num_threads", &NormalizeRowsBackwardArgs::num_threads);
+  m.def("normalize_rows_backward",
+        static_cast<void (*)(const NormalizeRowsBackwardArgs&)>(CK_DISPATCH(normalize_rows_backward)),
+        py::call_guard<py::gil_scoped_release>(), py::arg("args"),
         "grad[R, D] (acc dtype, in place) <- the vector-Jacobian product of h / max(||h||, eps)");
 
   py::class_<SsdArgs>(m, "SsdArgs", "arguments of the SSD scan kernels (see csrc/ssd_scan.h)")

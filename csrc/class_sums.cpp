@@ -193,17 +193,15 @@ void sums_rows(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, int64
 
 }  // namespace
 
-void class_sums(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int64_t fs0, int64_t fs1,
-                uintptr_t labels, int label_dtype, int64_t K, int64_t ls0, int64_t ls1,
-                uintptr_t weights, int64_t ws0, int64_t ws1,
-                int64_t C, uintptr_t sums, uintptr_t counts, int path, int num_threads) {
+void class_sums(const ClassSumsArgs& a) {
+  const int64_t N = a.N, D = a.D, K = a.K, C = a.C;
   if (N < 0 || D < 0 || K < 1 || C < 1) throw std::invalid_argument("collapsekit._C.class_sums: bad sizes");
-  const int nt = clamp_threads(num_threads);
-  with_views(features, feature_dtype, D, fs0, fs1, labels, label_dtype, K, ls0, ls1, weights, ws0, ws1,
-             [&](const auto& fv, const auto& ev) {
+  const int nt = clamp_threads(a.num_threads);
+  int path = a.path;
+  with_views(a, [&](const auto& fv, const auto& ev) {
     using Acc = typename std::decay_t<decltype(fv)>::acc_type;
-    Acc* out = reinterpret_cast<Acc*>(sums);
-    Acc* cnt = reinterpret_cast<Acc*>(counts);
+    Acc* out = reinterpret_cast<Acc*>(a.sums);
+    Acc* cnt = reinterpret_cast<Acc*>(a.counts);
     advise_huge_pages(out, static_cast<size_t>(C) * D * sizeof(Acc));
     if (path == kPathAuto) path = ::collapsekit::choose_class_sums_path(N * K, D, C, nt, sizeof(Acc));
     if (path == kPathDirect) sums_direct(fv, ev, N, C, out, cnt, nt);

@@ -120,6 +120,21 @@ static inline int max_threads() {
 #endif
 }
 
+// Kernel arguments travel as one named struct per entry point (ClassSumsArgs, SsdArgs, ...),
+// declared in the family's header outside the per-ISA namespaces (one Python class serves every
+// build), bound field by field in bindings.cpp and filled from Python by
+// collapsekit._cargs.fill_args, which rejects unknown and missing fields. Pointers are addresses
+// (0 = absent), strides are in elements.
+//
+// The labelled feature rows shared by class_sums and within_class_variance: features [N, D] in
+// feature_dtype (FloatCode), labels [N, K] in label_dtype (IndexCode), weights [N, K] in the
+// accumulation dtype or 0 (every weight 1), each with its own strides.
+struct LabeledRowsArgs {
+  uintptr_t features = 0; int feature_dtype = 0; int64_t N = 0, D = 0, fs0 = 0, fs1 = 0;
+  uintptr_t labels = 0; int label_dtype = 0; int64_t K = 0, ls0 = 0, ls1 = 0;
+  uintptr_t weights = 0; int64_t ws0 = 0, ws1 = 0;
+};
+
 [[noreturn]] static inline void bad_code(const char* what, int code) {
   throw std::invalid_argument(std::string("collapsekit._C: unsupported ") + what + " code " + std::to_string(code));
 }

@@ -31,16 +31,17 @@ inline double row_sumsq(const T* p, int64_t D, int64_t s1) {
 
 }  // namespace
 
-void normalize_rows(uintptr_t features, int feature_dtype, int64_t R, int64_t D, int64_t fs0, int64_t fs1,
-                    double eps, double scale, uintptr_t out, uintptr_t inv_norms, int num_threads) {
+void normalize_rows(const NormalizeRowsArgs& a) {
+  const int64_t R = a.R, D = a.D, fs0 = a.fs0, fs1 = a.fs1;
+  const double eps = a.eps, scale = a.scale;
   if (R < 0 || D < 0 || !(eps > 0.0)) throw std::invalid_argument("collapsekit._C.normalize_rows: bad sizes or eps");
-  const int nt = clamp_threads(num_threads);
-  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
+  const int nt = clamp_threads(a.num_threads);
+  dispatch_float(a.feature_dtype, [&](auto t_tag, auto acc_tag) {
     using T = decltype(t_tag);
     using Acc = decltype(acc_tag);
-    const T* h = reinterpret_cast<const T*>(features);
-    Acc* o = reinterpret_cast<Acc*>(out);
-    Acc* inv = reinterpret_cast<Acc*>(inv_norms);
+    const T* h = reinterpret_cast<const T*>(a.features);
+    Acc* o = reinterpret_cast<Acc*>(a.out);
+    Acc* inv = reinterpret_cast<Acc*>(a.inv_norms);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const T* p = h + r * fs0;
@@ -53,16 +54,17 @@ void normalize_rows(uintptr_t features, int feature_dtype, int64_t R, int64_t D,
   });
 }
 
-void normalize_rows_backward(uintptr_t features, int feature_dtype, int64_t R, int64_t D, int64_t fs0,
-                             int64_t fs1, double eps, uintptr_t grad, int num_threads) {
+void normalize_rows_backward(const NormalizeRowsBackwardArgs& a) {
+  const int64_t R = a.R, D = a.D, fs0 = a.fs0, fs1 = a.fs1;
+  const double eps = a.eps;
   if (R < 0 || D < 0 || !(eps > 0.0))
     throw std::invalid_argument("collapsekit._C.normalize_rows_backward: bad sizes or eps");
-  const int nt = clamp_threads(num_threads);
-  dispatch_float(feature_dtype, [&](auto t_tag, auto acc_tag) {
+  const int nt = clamp_threads(a.num_threads);
+  dispatch_float(a.feature_dtype, [&](auto t_tag, auto acc_tag) {
     using T = decltype(t_tag);
     using Acc = decltype(acc_tag);
-    const T* h = reinterpret_cast<const T*>(features);
-    Acc* g = reinterpret_cast<Acc*>(grad);
+    const T* h = reinterpret_cast<const T*>(a.features);
+    Acc* g = reinterpret_cast<Acc*>(a.grad);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const T* p = h + r * fs0;

@@ -35,20 +35,19 @@ void update(const S* dots, int64_t R, int64_t T, int64_t ds0, const S* n2, S alp
 
 }  // namespace
 
-void argmin_tile_update(uintptr_t dots, int dtype, int64_t R, int64_t T, int64_t ds0, uintptr_t norms2,
-                        double alpha, int64_t col0, uintptr_t best, uintptr_t best_idx, int num_threads) {
+void argmin_tile_update(const ArgminTileArgs& a) {
+  const int64_t R = a.R, T = a.T, ds0 = a.ds0, col0 = a.col0;
   if (R < 0 || T < 0) throw std::invalid_argument("collapsekit._C.argmin_tile_update: bad sizes");
-  const int nt = clamp_threads(num_threads);
-  auto* bi = reinterpret_cast<int64_t*>(best_idx);
-  if (dtype == F32)
-    update(reinterpret_cast<const float*>(dots), R, T, ds0, reinterpret_cast<const float*>(norms2),
-           static_cast<float>(alpha), col0,
-           reinterpret_cast<float*>(best), bi, nt);
-  else if (dtype == F64)
-    update(reinterpret_cast<const double*>(dots), R, T, ds0, reinterpret_cast<const double*>(norms2), alpha, col0,
-           reinterpret_cast<double*>(best), bi, nt);
+  const int nt = clamp_threads(a.num_threads);
+  auto* bi = reinterpret_cast<int64_t*>(a.best_idx);
+  if (a.dtype == F32)
+    update(reinterpret_cast<const float*>(a.dots), R, T, ds0, reinterpret_cast<const float*>(a.offsets),
+           static_cast<float>(a.alpha), col0, reinterpret_cast<float*>(a.best), bi, nt);
+  else if (a.dtype == F64)
+    update(reinterpret_cast<const double*>(a.dots), R, T, ds0, reinterpret_cast<const double*>(a.offsets), a.alpha,
+           col0, reinterpret_cast<double*>(a.best), bi, nt);
   else
-    bad_code("score dtype (fp32 or fp64 only)", dtype);
+    bad_code("score dtype (fp32 or fp64 only)", a.dtype);
 }
 
 }  // namespace COLLAPSEKIT_ISA

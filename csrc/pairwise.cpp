@@ -45,22 +45,22 @@ void tile_sums(const G* gram, int64_t ta, int64_t tb, int64_t gs0, const double*
 
 }  // namespace
 
-void pairwise_tile_sums(uintptr_t gram, int gram_dtype, int64_t ta, int64_t tb, int64_t gs0,
-                        uintptr_t norms2_a, uintptr_t norms2_b, uintptr_t var_a, uintptr_t var_b,
-                        int strict_upper, double inv_k1, uintptr_t out, int num_threads) {
+void pairwise_tile_sums(const PairwiseTileArgs& a) {
+  const int64_t ta = a.ta, tb = a.tb, gs0 = a.gs0;
   if (ta < 0 || tb < 0) throw std::invalid_argument("collapsekit._C.pairwise_tile_sums: bad sizes");
-  const auto* n2a = reinterpret_cast<const double*>(norms2_a);
-  const auto* n2b = reinterpret_cast<const double*>(norms2_b);
-  const auto* va = reinterpret_cast<const double*>(var_a);
-  const auto* vb = reinterpret_cast<const double*>(var_b);
-  auto* o = reinterpret_cast<double*>(out);
-  const int nt = clamp_threads(num_threads);
-  if (gram_dtype == F32)
-    tile_sums(reinterpret_cast<const float*>(gram), ta, tb, gs0, n2a, n2b, va, vb, strict_upper != 0, inv_k1, o, nt);
-  else if (gram_dtype == F64)
-    tile_sums(reinterpret_cast<const double*>(gram), ta, tb, gs0, n2a, n2b, va, vb, strict_upper != 0, inv_k1, o, nt);
+  const auto* n2a = reinterpret_cast<const double*>(a.norms2_a);
+  const auto* n2b = reinterpret_cast<const double*>(a.norms2_b);
+  const auto* va = reinterpret_cast<const double*>(a.var_a);
+  const auto* vb = reinterpret_cast<const double*>(a.var_b);
+  auto* o = reinterpret_cast<double*>(a.out);
+  const int nt = clamp_threads(a.num_threads);
+  const bool su = a.strict_upper != 0;
+  if (a.gram_dtype == F32)
+    tile_sums(reinterpret_cast<const float*>(a.gram), ta, tb, gs0, n2a, n2b, va, vb, su, a.inv_k1, o, nt);
+  else if (a.gram_dtype == F64)
+    tile_sums(reinterpret_cast<const double*>(a.gram), ta, tb, gs0, n2a, n2b, va, vb, su, a.inv_k1, o, nt);
   else
-    bad_code("gram dtype (fp32 or fp64 only)", gram_dtype);
+    bad_code("gram dtype (fp32 or fp64 only)", a.gram_dtype);
 }
 
 }  // namespace COLLAPSEKIT_ISA

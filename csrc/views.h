@@ -63,6 +63,13 @@ void with_views(uintptr_t features, int feature_dtype, int64_t D, int64_t fs0, i
   });
 }
 
+// The same for the labelled rows of an argument struct (common.h).
+template <typename F>
+void with_views(const LabeledRowsArgs& a, F&& f) {
+  with_views(a.features, a.feature_dtype, a.D, a.fs0, a.fs1, a.labels, a.label_dtype, a.K, a.ls0, a.ls1,
+             a.weights, a.ws0, a.ws1, static_cast<F&&>(f));
+}
+
 // sum_d (features[row, d] - mean[d])^2 in Acc, vectorisable without -ffast-math: 16 independent
 // partial sums (two AVX2 registers of fp32) instead of one serial chain.
 template <typename T, typename Acc>

@@ -47,34 +47,29 @@ void variance_rows(const FeatureView<T, Acc>& fv, const EntryView<L, Acc>& ev, i
 
 }  // namespace
 
-void within_class_variance(uintptr_t features, int feature_dtype, int64_t N, int64_t D, int64_t fs0, int64_t fs1,
-                           uintptr_t labels, int label_dtype, int64_t K, int64_t ls0, int64_t ls1,
-                           uintptr_t weights, int64_t ws0, int64_t ws1,
-                           int64_t C, uintptr_t means, uintptr_t out, int num_threads) {
-  if (N < 0 || D < 0 || K < 1 || C < 1)
+void within_class_variance(const WithinClassArgs& a) {
+  if (a.N < 0 || a.D < 0 || a.K < 1 || a.C < 1)
     throw std::invalid_argument("collapsekit._C.within_class_variance: bad sizes");
-  const int nt = clamp_threads(num_threads);
-  with_views(features, feature_dtype, D, fs0, fs1, labels, label_dtype, K, ls0, ls1, weights, ws0, ws1,
-             [&](const auto& fv, const auto& ev) {
+  const int nt = clamp_threads(a.num_threads);
+  with_views(a, [&](const auto& fv, const auto& ev) {
     using Acc = typename std::decay_t<decltype(fv)>::acc_type;
-    variance_rows(fv, ev, N, C, reinterpret_cast<const Acc*>(means), reinterpret_cast<Acc*>(out), nt);
+    variance_rows(fv, ev, a.N, a.C, reinterpret_cast<const Acc*>(a.means), reinterpret_cast<Acc*>(a.out), nt);
   });
 }
 
-void center_rows(uintptr_t features, int feature_dtype, int64_t R, int64_t D, int64_t fs0, int64_t fs1,
-                 uintptr_t labels, int label_dtype, int64_t ls0, uintptr_t weights, int64_t ws0,
-                 int64_t C, uintptr_t means, uintptr_t out, uintptr_t out_weights, int num_threads) {
+void center_rows(const CenterRowsArgs& a) {
   // out[r, :] = features[r, :] - means[labels[r], :] and out_weights[r] = weights[r] (1 if none);
   // rows whose label is outside [0, C) get a zero row and weight 0. One tile of the centred Gram.
+  const int64_t R = a.R, D = a.D, C = a.C, fs0 = a.fs0, fs1 = a.fs1;
   if (R < 0 || D < 0 || C < 1) throw std::invalid_argument("collapsekit._C.center_rows: bad sizes");
-  const int nt = clamp_threads(num_threads);
-  with_views(features, feature_dtype, D, fs0, fs1, labels, label_dtype, 1, ls0, 0, weights, ws0, 0,
+  const int nt = clamp_threads(a.num_threads);
+  with_views(a.features, a.feature_dtype, D, fs0, fs1, a.labels, a.label_dtype, 1, a.ls0, 0, a.weights, a.ws0, 0,
              [&](const auto& fv, const auto& ev) {
     using T = typename std::decay_t<decltype(fv)>::value_type;
     using Acc = typename std::decay_t<decltype(fv)>::acc_type;
-    const Acc* mu = reinterpret_cast<const Acc*>(means);
-    Acc* o = reinterpret_cast<Acc*>(out);
-    Acc* ow = reinterpret_cast<Acc*>(out_weights);
+    const Acc* mu = reinterpret_cast<const Acc*>(a.means);
+    Acc* o = reinterpret_cast<Acc*>(a.out);
+    Acc* ow = reinterpret_cast<Acc*>(a.out_weights);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t c = ev.label(r, 0);

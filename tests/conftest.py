@@ -69,3 +69,11 @@ def opcheck(op, args):
     if on_cpu and "triton" in str(op):
         kwargs["test_utils"] = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(op, args, **kwargs)
+
+
+def gradcheck(fn, inputs, backend):
+    """torch.autograd.gradcheck in fp64. Under the Triton interpreter each call of the op is slow, so
+    the Triton backend on CPU uses gradcheck's fast mode (the Jacobian checked through random
+    vector products: a few calls of the op instead of one per input element)."""
+    fast = backend == "triton" and not HAS_CUDA
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=fast)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate, reference
+from .._library import fill_args
 
 _PATHS_CPP = {"auto": 0, "sorted": 1, "direct": 2, "rows": 3}
 _PATHS_TRITON = ("auto", "sorted", "scan", "atomic")
@@ -55,12 +56,15 @@ def _class_sums_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor],
     sums, counts = _outputs(features, labels, weights, num_classes, path)
     if weights is not None:
         weights = weights.to(acc)  # [N, K]; small. Stride-0 views stay views.
-    _dispatch.cpp().class_sums(
-        features.data_ptr(), _dispatch.FLOAT_CODES[features.dtype], n, d, features.stride(0), features.stride(1),
-        labels.data_ptr(), _dispatch.INDEX_CODES[labels.dtype], labels.shape[1], labels.stride(0), labels.stride(1),
-        0 if weights is None else weights.data_ptr(),
-        0 if weights is None else weights.stride(0), 0 if weights is None else weights.stride(1),
-        num_classes, sums.data_ptr(), counts.data_ptr(), _PATHS_CPP[path], _dispatch.num_threads())
+    _dispatch.cpp().class_sums(fill_args(
+        "ClassSumsArgs",
+        features=features, feature_dtype=_dispatch.FLOAT_CODES[features.dtype], N=n, D=d,
+        fs0=features.stride(0), fs1=features.stride(1),
+        labels=labels, label_dtype=_dispatch.INDEX_CODES[labels.dtype], K=labels.shape[1],
+        ls0=labels.stride(0), ls1=labels.stride(1),
+        weights=weights, ws0=0 if weights is None else weights.stride(0),
+        ws1=0 if weights is None else weights.stride(1),
+        C=num_classes, sums=sums, counts=counts, path=_PATHS_CPP[path], num_threads=_dispatch.num_threads()))
     return sums, counts
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate
+from .._library import fill_args
 from .._tiles import row_tiles
 
 # Rows per CPU tile. Measured at N=65536, D=1024, C=1000 fp32 (2-core VM): 128 rows 0.93 s,
@@ -65,7 +66,8 @@ def _etf_logits_cpp(features: Tensor, etf: Tensor, scale: float, eps: float) -> 
     C, code, nt = _dispatch.cpp(), _dispatch.FLOAT_CODES[features.dtype], _dispatch.num_threads()
     for r0, r in row_tiles(n, ROW_TILE):
         h = features[r0:r0 + r]
-        C.normalize_rows(h.data_ptr(), code, r, d, h.stride(0), h.stride(1), eps, scale, buf.data_ptr(), 0, nt)
+        C.normalize_rows(fill_args("NormalizeRowsArgs", features=h, feature_dtype=code, R=r, D=d, fs0=h.stride(0),
+                                   fs1=h.stride(1), eps=eps, scale=scale, out=buf, inv_norms=None, num_threads=nt))
         if tmp is None:
             torch.mm(buf[:r], et, out=out[r0:r0 + r])
         else:
@@ -94,13 +96,17 @@ def _etf_logits_backward_cpp(grad: Tensor, logits: Tensor, features: Tensor, etf
         h = features[r0:r0 + r]
         g = grad[r0:r0 + r].to(acc)
         if need_etf:  # ∂E += Gᵀ ĥ (scaled once at the end)
-            C.normalize_rows(h.data_ptr(), code, r, d, h.stride(0), h.stride(1), eps, 1.0, buf.data_ptr(), 0, nt)
+            C.normalize_rows(fill_args("NormalizeRowsArgs", features=h, feature_dtype=code, R=r, D=d,
+                                       fs0=h.stride(0), fs1=h.stride(1), eps=eps, scale=1.0, out=buf,
+                                       inv_norms=None, num_threads=nt))
             ge.addmm_(g.t(), buf[:r])
         if need_features:  # g = scale · G E, then the Jacobian of the normalisation, in place
             dst = gh[r0:r0 + r] if gbuf is None else gbuf[:r]
             torch.mm(g, e, out=dst)
             dst.mul_(scale)
-            C.normalize_rows_backward(h.data_ptr(), code, r, d, h.stride(0), h.stride(1), eps, dst.data_ptr(), nt)
+            C.normalize_rows_backward(fill_args("NormalizeRowsBackwardArgs", features=h, feature_dtype=code, R=r,
+                                                D=d, fs0=h.stride(0), fs1=h.stride(1), eps=eps, grad=dst,
+                                                num_threads=nt))
             if gbuf is not None:
                 gh[r0:r0 + r].copy_(dst)
     if need_etf:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate
+from .._library import fill_args
 from .._tiles import row_tiles, score_tiles
 
 # 1024 x 1024 fp32 score tiles (4 MiB) stay in the last-level cache between the BLAS product and
@@ -58,9 +59,10 @@ def _tile_argmin_cpp(features: Tensor, rows: Tensor, offsets: Tensor, alpha: flo
         best = torch.full((r,), float("inf"), dtype=dt)
         idx = out[r0:r0 + r]
         for c0, dots in score_tiles(h, v, CLASS_TILE):
-            C.argmin_tile_update(dots.data_ptr(), _dispatch.FLOAT_CODES[dt], r, dots.shape[1], dots.stride(0),
-                                 off[c0:].data_ptr(), alpha, c0, best.data_ptr(), idx.data_ptr(),
-                                 _dispatch.num_threads())
+            C.argmin_tile_update(fill_args(
+                "ArgminTileArgs", dots=dots, dtype=_dispatch.FLOAT_CODES[dt], R=r, T=dots.shape[1],
+                ds0=dots.stride(0), offsets=off[c0:], alpha=alpha, col0=c0, best=best, best_idx=idx,
+                num_threads=_dispatch.num_threads()))
     return out
 
 

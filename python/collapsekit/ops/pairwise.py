@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, reference
+from .._library import fill_args
 from .._tiles import gram_tiles
 
 PAIR_TILE = 2048     # classes per side of a Gram tile: 2048^2 fp64 = 32 MiB
@@ -54,10 +55,10 @@ def _tile_sums_cpp(g: Tensor, n2a: Tensor, n2b: Tensor, va: Optional[Tensor], vb
                    strict_upper: bool, inv_k1: float) -> Tensor:
     _check_op(g, n2a, n2b, va, vb)
     out = _outputs(g, n2a, n2b, va, vb, strict_upper, inv_k1)
-    _dispatch.cpp().pairwise_tile_sums(
-        g.data_ptr(), _dispatch.FLOAT_CODES[g.dtype], g.shape[0], g.shape[1], g.stride(0),
-        n2a.data_ptr(), n2b.data_ptr(), 0 if va is None else va.data_ptr(), 0 if vb is None else vb.data_ptr(),
-        int(strict_upper), inv_k1, out.data_ptr(), _dispatch.num_threads())
+    _dispatch.cpp().pairwise_tile_sums(fill_args(
+        "PairwiseTileArgs", gram=g, gram_dtype=_dispatch.FLOAT_CODES[g.dtype], ta=g.shape[0], tb=g.shape[1],
+        gs0=g.stride(0), norms2_a=n2a, norms2_b=n2b, var_a=va, var_b=vb, strict_upper=int(strict_upper),
+        inv_k1=inv_k1, out=out, num_threads=_dispatch.num_threads()))
     return out
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _library, _validate, reference
+from .._library import fill_args
 from .._tiles import row_tiles
 from .class_sums import class_sums_acc
 
@@ -40,12 +41,15 @@ def _variance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], m
     out = _variance_outputs(features, labels, weights, means)
     if weights is not None:
         weights = weights.to(means.dtype)
-    _dispatch.cpp().within_class_variance(
-        features.data_ptr(), _dispatch.FLOAT_CODES[features.dtype], n, d, features.stride(0), features.stride(1),
-        labels.data_ptr(), _dispatch.INDEX_CODES[labels.dtype], labels.shape[1], labels.stride(0), labels.stride(1),
-        0 if weights is None else weights.data_ptr(),
-        0 if weights is None else weights.stride(0), 0 if weights is None else weights.stride(1),
-        c, means.data_ptr(), out.data_ptr(), _dispatch.num_threads())
+    _dispatch.cpp().within_class_variance(fill_args(
+        "WithinClassArgs",
+        features=features, feature_dtype=_dispatch.FLOAT_CODES[features.dtype], N=n, D=d,
+        fs0=features.stride(0), fs1=features.stride(1),
+        labels=labels, label_dtype=_dispatch.INDEX_CODES[labels.dtype], K=labels.shape[1],
+        ls0=labels.stride(0), ls1=labels.stride(1),
+        weights=weights, ws0=0 if weights is None else weights.stride(0),
+        ws1=0 if weights is None else weights.stride(1),
+        C=c, means=means, out=out, num_threads=_dispatch.num_threads()))
     return out
 
 
@@ -128,11 +132,13 @@ def _covariance_tiles(features, labels, weights, means, center):
 
 
 def _center_cpp(f, lab, w, means, out, out_w):
-    _dispatch.cpp().center_rows(
-        f.data_ptr(), _dispatch.FLOAT_CODES[f.dtype], f.shape[0], f.shape[1], f.stride(0), f.stride(1),
-        lab.data_ptr(), _dispatch.INDEX_CODES[lab.dtype], lab.stride(0),
-        0 if w is None else w.data_ptr(), 0 if w is None else w.stride(0),
-        means.shape[0], means.data_ptr(), out.data_ptr(), out_w.data_ptr(), _dispatch.num_threads())
+    _dispatch.cpp().center_rows(fill_args(
+        "CenterRowsArgs",
+        features=f, feature_dtype=_dispatch.FLOAT_CODES[f.dtype], R=f.shape[0], D=f.shape[1],
+        fs0=f.stride(0), fs1=f.stride(1),
+        labels=lab, label_dtype=_dispatch.INDEX_CODES[lab.dtype], ls0=lab.stride(0),
+        weights=w, ws0=0 if w is None else w.stride(0),
+        C=means.shape[0], means=means, out=out, out_weights=out_w, num_threads=_dispatch.num_threads()))
 
 
 def _covariance_outputs(features, labels, weights, means, path):
