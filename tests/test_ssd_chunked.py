@@ -58,7 +58,7 @@ def close(actual, expected, dtype, what, scale=1.0):
 
 
 def check(b, l, h, g, p, n, dtype, cs=16, softplus=True, dt_min=0.0, dt_max=INF, lam=1.0, tau=0.0, grads=True,
-          slack=1.0, **opts):
+          slack=1.0, use_gfinal=True, **opts):
     t = make(b, l, h, g, p, n, dtype, **opts)
     out, fin, saved = run_kernel(t, cs, softplus, dt_min, dt_max, lam, tau, save=grads)
     rout, rfin, d = run_ref(t, cs, softplus, dt_min, dt_max, lam, tau, grads)
@@ -69,9 +69,9 @@ def check(b, l, h, g, p, n, dtype, cs=16, softplus=True, dt_min=0.0, dt_max=INF,
         return
     gen = torch.Generator().manual_seed(1)
     gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64)
-    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64)
+    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64) if use_gfinal else torch.zeros(rfin.shape)
     ((rout * gout).sum() + (rfin * gfin).sum()).backward()
-    got = K.backward(gout.to(dtype).to(DEV), gfin.float().to(DEV), t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
+    got = K.backward(gout.to(dtype).to(DEV), gfin.float().to(DEV) if use_gfinal else None, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
                      t["z"], t["dt_bias"], t["initial_states"], saved, cs, softplus, dt_min, dt_max, lam, tau)
     for name, gk in zip(GRAD_NAMES, got):
         if t[name] is None:
@@ -146,7 +146,10 @@ def test_backward_every_option_fp32():
 
 
 def test_backward_plain_one_group():
-    check(1, 13, 2, 1, 8, 16, torch.float32, softplus=False, D=False, z=False, bias=False, init=False)
+    """No optional input, and no gradient at the final state (gfinal None)."""
+    check(1, 13, 2, 1, 8, 16, torch.float32, softplus=False, D=False, z=False, bias=False, init=False,
+          use_gfinal=False)
+    check(1, 21, 2, 1, 8, 16, torch.float32, tau=1.0, use_gfinal=False)
 
 
 def test_backward_fp16():
