@@ -30,6 +30,10 @@ Backward kernels (gy = gout·silu(z)):
 The cum gradient needs no extra matmul: its intra-chunk row sums are Σ_p gy·(y − Dx) (y saved
 by the forward) and its column sums are −Δ_s·(direct dΔ_s).
 
+``seq_idx`` (packed sequences) is a mask in every kernel; ``window=W`` (the sliding-window
+mitigation) replaces stages 2-5 by banded kernels (``_window_*``) that need no carried state. Per-step
+state norms are not computed here (the recurrent kernel in kernels/ssd_scan.py has them).
+
 Every global offset is computed in int64 (program ids and row indices are widened before they
 meet a stride), so b·l·h·p past 2^31 elements is addressed correctly. Grid axis 0 carries
 batch·chunks (CUDA allows 2^31−1 there, 65535 on axes 1 and 2).
@@ -397,7 +401,8 @@ def _bwd_dstates_kernel(gy_ptr, C_ptr, cum_ptr, dS_ptr,
 def _state_passing_bwd_kernel(dS_ptr, S_ptr, cum_ptr, gfinal_ptr, norm_ptr, par_ptr,
                               gst_ptr, dcl_ptr, dinit_ptr,
                               NH, PN, CS, NCHUNK, NBLK, L, seq_ptr, ss0, ss1,
-                              HAS_SEQ: tl.constexpr, HAS_GFINAL: tl.constexpr, NORM_MAX: tl.constexpr, ACC: tl.constexpr,
+                              HAS_SEQ: tl.constexpr, HAS_GFINAL: tl.constexpr, NORM_MAX: tl.constexpr,
+                              ACC: tl.constexpr,
                               BLOCK: tl.constexpr):
     """Reverse of _state_passing_kernel. g_U (gradient at the state leaving chunk c, = gradient of
     states_c) goes to gst[c]; exp(cum_last_c)·⟨g_U, S_c⟩ to dcl[b, h, c, block]; the gradient at S_0
@@ -1211,7 +1216,8 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
     init = initial_states.contiguous() if initial_states is not None else None
     wrap_triton(_state_passing_kernel)[(nblk, b, h)](
         st, cum, init if init is not None else _dummy(x, acc), par, S, final, norms,
-        h, p * n, cs, k, l, sq, *sqs, HAS_SEQ=seq_idx is not None, HAS_INIT=init is not None, NORM_MAX=norm_max, ACC=ACC, **t)
+        h, p * n, cs, k, l, sq, *sqs, HAS_SEQ=seq_idx is not None, HAS_INIT=init is not None, NORM_MAX=norm_max,
+        ACC=ACC, **t)
     del st
 
     cb = _cb(B, C, b, l, g, n, cs, k, acc, ACC, DOT, PREC)
@@ -1220,7 +1226,8 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softpl
     wrap_triton(_chunk_scan_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(p, t["BLOCK_P"]), h)](
         x, zz, C, cb, dtp, cum, S, D if D is not None else _dummy(x, acc), out, y,
         l, h, p, n, h // g, g, cs, k, *x.stride(), *zz.stride(), *C.stride(), sq, *sqs,
-        HAS_SEQ=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=save_y, DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        HAS_SEQ=seq_idx is not None, HAS_D=D is not None, HAS_Z=z is not None, SAVE_Y=save_y, DOT=DOT, PREC=PREC,
+        ACC=ACC, **t)
     saved = dict(dtp=dtp, cum=cum, S=S, norms=norms if norm_max else None, cb=cb, par=par, y=y, seq_idx=seq_idx,
                  window=None) if save_for_backward else None
     return out, final, saved
@@ -1262,7 +1269,8 @@ def _window_backward(gy, gfinal, x, dt, A, B, C, D, dt_bias, saved, cs, dt_softp
             IS_DB=is_db, HAS_SEQ=hs, HAS_GFINAL=gf is not None, DOT=DOT, PREC=PREC, ACC=ACC, **t)
     # per-chunk constant of the log-decay gradient: the cum gradient of every later step
     tot = (dcy.sum(3) - dtp * ddtp.sum(3)).double().sum(-1)                      # (b, h, k)
-    gfterm = (gf.double() * final.double()).sum((-1, -2)) if gf is not None else torch.zeros(b, h, dtype=torch.float64, device=dev)
+    gfterm = ((gf.double() * final.double()).sum((-1, -2)) if gf is not None
+              else torch.zeros(b, h, dtype=torch.float64, device=dev))
     tot[..., -1] += gfterm
     carry = tot.flip(-1).cumsum(-1).flip(-1) - tot                                 # Σ over chunks after c
     carry[..., -1] += gfterm
@@ -1364,7 +1372,8 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
     t = _tile("dcb", BLOCK_T=cs, BLOCK_S=cs, BLOCK_K=p)
     dcb = torch.empty(b, k, g, cs, cs, dtype=acc, device=dev)
     wrap_triton(_bwd_dcb_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(cs, t["BLOCK_S"]), g)](
-        gy, x, dtp, cum, dcb, l, h, p, h // g, g, cs, k, *x.stride(), sq, *sqs, HAS_SEQ=hs, DOT=DOT, PREC=PREC, ACC=ACC, **t)
+        gy, x, dtp, cum, dcb, l, h, p, h // g, g, cs, k, *x.stride(), sq, *sqs, HAS_SEQ=hs, DOT=DOT, PREC=PREC,
+        ACC=ACC, **t)
 
     t = _tile("dbc", BLOCK_T=cs, BLOCK_N=n, BLOCK_K=min(cs, p))
     wrap_triton(_bwd_dbc_kernel)[(b * k, triton.cdiv(cs, t["BLOCK_T"]) * triton.cdiv(n, t["BLOCK_N"]), g)](

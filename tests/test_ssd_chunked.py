@@ -68,11 +68,13 @@ def check(b, l, h, g, p, n, dtype, cs=16, softplus=True, dt_min=0.0, dt_max=INF,
     if not grads:
         return
     gen = torch.Generator().manual_seed(1)
-    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64)
-    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64) if use_gfinal else torch.zeros(rfin.shape)
+    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64).to(rout.device)
+    gfin = (torch.randn(rfin.shape, generator=gen, dtype=torch.float64) if use_gfinal
+            else torch.zeros(rfin.shape, dtype=torch.float64)).to(rfin.device)
     ((rout * gout).sum() + (rfin * gfin).sum()).backward()
-    got = K.backward(gout.to(dtype).to(DEV), gfin.float().to(DEV) if use_gfinal else None, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
-                     t["z"], t["dt_bias"], t["initial_states"], saved, cs, softplus, dt_min, dt_max, lam, tau)
+    got = K.backward(gout.to(dtype).to(DEV), gfin.float().to(DEV) if use_gfinal else None, t["x"], t["dt"], t["A"],
+                     t["B"], t["C"], t["D"], t["z"], t["dt_bias"], t["initial_states"], saved, cs, softplus, dt_min,
+                     dt_max, lam, tau)
     for name, gk in zip(GRAD_NAMES, got):
         if t[name] is None:
             assert gk is None, name
@@ -221,8 +223,8 @@ def test_seq_idx_forward_backward():
     close(out, rout, torch.float32, "out")
     close(fin, rfin, torch.float32, "final")
     gen = torch.Generator().manual_seed(1)
-    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64)
-    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64)
+    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64).to(rout.device)
+    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64).to(rfin.device)
     ((rout * gout).sum() + (rfin * gfin).sum()).backward()
     got = K.backward(gout.float().to(DEV), gfin.float().to(DEV), t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
                      t["z"], t["dt_bias"], t["initial_states"], saved, cs, True, 0.0, INF, 0.98, 0.0)
@@ -250,10 +252,11 @@ def ref_window(d, W, softplus, dt_min, dt_max, lam, seq=None):
         dtv = torch.nn.functional.softplus(dtv)
     dtv = dtv.clamp(dt_min, dt_max)
     G = torch.cumsum(math.log(lam) + dtv * d["A"], dim=1).transpose(1, 2)          # (b, h, l)
-    tt = torch.arange(l)
+    tt = torch.arange(l, device=x.device)
     band = (tt[None, :] <= tt[:, None]) & (tt[:, None] - tt[None, :] < W)          # [t, s]
     band = band[None, None].expand(b, h, l, l)
     if seq is not None:
+        seq = seq.to(x.device)
         band = band & (seq[:, None, :, None] == seq[:, None, None, :])
     decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~band, -math.inf))
     Bh = B.repeat_interleave(hpg, dim=2)
@@ -274,14 +277,14 @@ def check_window(W, l=45, cs=16, grads=True, seq=None, g=1, lam=0.97, b=2):
     out, fin, saved = K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], None, cs, True,
                                 0.0, INF, lam, 0.0, grads, seq_idx=seq, window=W)
     d = {k: (v.detach().double().requires_grad_(grads) if v is not None else None) for k, v in t.items()}
-    rout, rfin = ref_window(d, W, True, 0.0, INF, lam, seq.cpu() if seq is not None else None)
+    rout, rfin = ref_window(d, W, True, 0.0, INF, lam, seq)
     close(out, rout, torch.float32, "out")
     close(fin, rfin, torch.float32, "final")
     if not grads:
         return
     gen = torch.Generator().manual_seed(1)
-    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64)
-    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64)
+    gout = torch.randn(rout.shape, generator=gen, dtype=torch.float64).to(rout.device)
+    gfin = torch.randn(rfin.shape, generator=gen, dtype=torch.float64).to(rfin.device)
     ((rout * gout).sum() + (rfin * gfin).sum()).backward()
     got = K.backward(gout.float().to(DEV), gfin.float().to(DEV), t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
                      t["z"], t["dt_bias"], None, saved, cs, True, 0.0, INF, lam, 0.0)
