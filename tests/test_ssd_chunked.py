@@ -333,3 +333,10 @@ def test_window_rejects_initial_states_and_bad_w():
     with pytest.raises(ValueError, match="window"):
         K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], None, None, None, None, 4, True, 0.0, INF, 1.0, 0.0, False,
                   window=0)
+
+
+@pytest.mark.parametrize("cs", [1, 3])
+def test_tiny_chunks(cs):
+    """chunk_size 1 (τ acts before every step) and 3 (not a power of two), chunked and windowed."""
+    check(1, 7, 2, 1, 8, 16, torch.float32, cs=cs, tau=0.8, lam=0.9)
+    check_window(2, l=7, cs=cs, b=1)
