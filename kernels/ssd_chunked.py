@@ -52,17 +52,18 @@ from ._common import sigmoid, softplus, tl_acc
 
 # Tile sizes. BLOCK_T: time rows of a tile; BLOCK_S: time columns (the s of C_t·B_s); BLOCK_P:
 # headdim; BLOCK_N: dstate; BLOCK_K: the contraction block of a loop; warps per program.
-# Chosen for p=64, n=128, chunk 64..256 bf16 on sm_80/sm_90 (register budget of a 4-warp
-# program with a 64x64 fp32 accumulator); not tuned on a GPU yet (see docs/ssd_scan.md).
+# Chosen for p=64, n=128, chunk 64..256 bf16 on sm_80/sm_90, not tuned on a GPU yet (see
+# docs/ssd_scan.md). num_warps=8 where ptxas (sm_90, bf16, every flag) reported heavy spills at 4
+# warps (chunk_scan 1028/1772 B spill stores/loads -> 28/16, bwd_dbc 1896/2400 -> 56/56).
 TILES = {
     "chunk_state": dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32, num_warps=4),
     "state_passing": dict(BLOCK=1024, num_warps=4),
     "bmm": dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=32, num_warps=4),
-    "chunk_scan": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_K=32, BLOCK_N=64, num_warps=4),
+    "chunk_scan": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_K=32, BLOCK_N=64, num_warps=8),
     "dstates": dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32, num_warps=4),
-    "dx": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_K=32, BLOCK_N=64, num_warps=4),
-    "dcb": dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=32, num_warps=4),
-    "dbc": dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, num_warps=4),
+    "dx": dict(BLOCK_T=64, BLOCK_P=64, BLOCK_K=32, BLOCK_N=64, num_warps=8),
+    "dcb": dict(BLOCK_T=64, BLOCK_S=64, BLOCK_K=32, num_warps=8),
+    "dbc": dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, num_warps=8),
 }
 
 
@@ -334,25 +335,26 @@ def _chunk_scan_kernel(x_ptr, z_ptr, C_ptr, cb_ptr, dtp_ptr, cum_ptr, S_ptr, D_p
 # --------------------------------------------------------------------------- backward --------
 
 @triton.jit
-def _bwd_gate_kernel(gout_ptr, z_ptr, y_ptr, gy_ptr, dz_ptr, R, L, NH, P,
+def _bwd_gate_kernel(gout_ptr, z_ptr, y_ptr, gy_ptr, dz_ptr, L, NH, P,
                      gs0, gs1, gs2, gs3, zs0, zs1, zs2, zs3,
                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    """out = y·silu(z): gy = gout·z·σ(z), dz = gout·y·σ(z)(1 + z(1 − σ(z))), one pass over
-    (b·l·h rows, p). gy and dz are contiguous (b, l, h, p)."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """out = y·silu(z): gy = gout·z·σ(z), dz = gout·y·σ(z)(1 + z(1 − σ(z))), one pass over a block of
+    time steps of one (batch, head). gy and dz are contiguous (b, l, h, p). (Batch and head come
+    from the grid, not from dividing a flat row index: 64-bit division per element is slow and
+    register-hungry.)"""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    bi = tl.program_id(1).to(tl.int64)
+    hi = tl.program_id(2).to(tl.int64)
     op = tl.arange(0, BLOCK_P)
-    rm = r < R
-    hi = r % NH
-    t = (r // NH) % L
-    bi = r // (NH * L)
+    rm = t < L
     for p0 in range(0, P, BLOCK_P):
         pp = p0 + op
         m = rm[:, None] & (pp < P)[None, :]
-        go = tl.load(gout_ptr + (bi * gs0 + t * gs1 + hi * gs2)[:, None] + pp[None, :] * gs3, mask=m, other=0.0)
-        zv = tl.load(z_ptr + (bi * zs0 + t * zs1 + hi * zs2)[:, None] + pp[None, :] * zs3, mask=m, other=0.0)
+        go = tl.load(gout_ptr + bi * gs0 + hi * gs2 + t[:, None] * gs1 + pp[None, :] * gs3, mask=m, other=0.0)
+        zv = tl.load(z_ptr + bi * zs0 + hi * zs2 + t[:, None] * zs1 + pp[None, :] * zs3, mask=m, other=0.0)
         go = go.to(ACC)
         zv = zv.to(ACC)
-        o = r[:, None] * P + pp[None, :]
+        o = ((bi * L + t[:, None]) * NH + hi) * P + pp[None, :]
         yv = tl.load(y_ptr + o, mask=m, other=0.0).to(ACC)
         sg = sigmoid(zv)
         tl.store(gy_ptr + o, (go * zv * sg).to(gy_ptr.dtype.element_ty), mask=m)
@@ -1327,8 +1329,9 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved,
         gy = torch.empty(b, l, h, p, dtype=x.dtype, device=dev)
         dz = torch.empty(b, l, h, p, dtype=z.dtype, device=dev)
         bp = min(64, max(16, triton.next_power_of_2(p)))
-        wrap_triton(_bwd_gate_kernel)[(triton.cdiv(b * l * h, 32),)](
-            gout, z, y, gy, dz, b * l * h, l, h, p, *gout.stride(), *z.stride(), ACC=ACC, BLOCK_R=32, BLOCK_P=bp)
+        wrap_triton(_bwd_gate_kernel)[(triton.cdiv(l, 32), b, h)](
+            gout, z, y, gy, dz, l, h, p, *gout.stride(), *z.stride(), ACC=ACC, BLOCK_R=32, BLOCK_P=bp,
+            num_warps=8)
     else:
         gy = gout.to(x.dtype).contiguous()
     if window is not None:

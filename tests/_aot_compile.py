@@ -191,7 +191,7 @@ def ssd_chunked_cases():
             {"HAS_SEQ": flags, "HAS_D": flags, "HAS_Z": flags, "SAVE_Y": flags, **typ, **T("chunk_scan", BLOCK_K=64)}
         yield "ssd_chunked.bwd_gate" + tag, K._bwd_gate_kernel, \
             {"gout_ptr": f, "z_ptr": f, "y_ptr": f, "gy_ptr": f, "dz_ptr": f}, \
-            ["R", "L", "NH", "P", "gs0", "gs1", "gs2", "gs3"] + zs, {"ACC": DTYPES[acc], "BLOCK_R": 32, "BLOCK_P": 64}
+            ["L", "NH", "P", "gs0", "gs1", "gs2", "gs3"] + zs, {"ACC": DTYPES[acc], "BLOCK_R": 32, "BLOCK_P": 64}
         yield "ssd_chunked.bwd_dstates" + tag, K._bwd_dstates_kernel, \
             {"gy_ptr": f, "C_ptr": f, "cum_ptr": a, "dS_ptr": a, "seq_ptr": "*i32"}, \
             ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + cs + sq, {**typ, "HAS_SEQ": flags, **T("dstates", BLOCK_K=64)}
