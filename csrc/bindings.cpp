@@ -34,15 +34,33 @@ bool cpu_has_avx2() {
 #endif
 }
 
-std::string g_isa;  // "base" or "avx2"
+bool cpu_has_avx512() {
+#if defined(COLLAPSEKIT_HAVE_AVX512) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// "base", "avx2" or "avx512". Kernels without an AVX-512 build (CMakeLists.txt: CK_AVX512_SOURCES
+// lists the files where it measured faster) run their AVX2 build under "avx512".
+std::string g_isa;
 
 void set_isa(const std::string& isa) {
-  if (isa == "auto") g_isa = cpu_has_avx2() ? "avx2" : "base";
+  if (isa == "auto") g_isa = cpu_has_avx512() ? "avx512" : cpu_has_avx2() ? "avx2" : "base";
   else if (isa == "base") g_isa = "base";
   else if (isa == "avx2") {
     if (!cpu_has_avx2()) throw std::invalid_argument("collapsekit._C.set_isa: this CPU or build has no AVX2 kernels");
     g_isa = "avx2";
-  } else throw std::invalid_argument("collapsekit._C.set_isa: isa must be 'auto', 'base' or 'avx2', got '" + isa + "'");
+  } else if (isa == "avx512") {
+    if (!cpu_has_avx512())
+      throw std::invalid_argument("collapsekit._C.set_isa: this CPU or build has no AVX-512 kernels");
+    g_isa = "avx512";
+  } else
+    throw std::invalid_argument("collapsekit._C.set_isa: isa must be 'auto', 'base', 'avx2' or 'avx512', got '" +
+                                isa + "'");
 }
 
 // The fields of LabeledRowsArgs (common.h), shared by ClassSumsArgs and WithinClassArgs.
@@ -59,16 +77,23 @@ void bind_labeled_rows(py::class_<T>& c) {
 }  // namespace
 
 #if defined(COLLAPSEKIT_HAVE_AVX2)
-#define CK_DISPATCH(fn) [](auto... a) { return g_isa == "avx2" ? avx2::fn(a...) : base::fn(a...); }
+#define CK_DISPATCH(fn) [](auto... a) { return g_isa != "base" ? avx2::fn(a...) : base::fn(a...); }
 #else
 #define CK_DISPATCH(fn) [](auto... a) { return base::fn(a...); }
+#endif
+// For the kernels that also have an AVX-512 build (CK_AVX512_SOURCES in CMakeLists.txt).
+#if defined(COLLAPSEKIT_HAVE_AVX512)
+#define CK_DISPATCH512(fn) \
+  [](auto... a) { return g_isa == "avx512" ? avx512::fn(a...) : g_isa == "avx2" ? avx2::fn(a...) : base::fn(a...); }
+#else
+#define CK_DISPATCH512(fn) CK_DISPATCH(fn)
 #endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "collapsekit CPU kernels (raw-pointer ABI, no libtorch link)";
   const char* env = std::getenv("COLLAPSEKIT_ISA");
   set_isa(env && *env ? env : "auto");
-  m.def("set_isa", &set_isa, "Kernel instruction set: 'auto', 'base' or 'avx2' (tests run both)");
+  m.def("set_isa", &set_isa, "Kernel instruction set: 'auto', 'base', 'avx2' or 'avx512' (tests run each)");
   m.def("isa", [] { return g_isa; });
   m.def("max_threads", &max_threads);
 #ifdef COLLAPSEKIT_OPENMP
@@ -178,17 +203,20 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("decay_scale", &SsdArgs::decay_scale).def_readwrite("state_norm_max", &SsdArgs::state_norm_max)
       .def_readwrite("chunk_size", &SsdArgs::chunk_size).def_readwrite("init", &SsdArgs::init)
       .def_readwrite("ckpt", &SsdArgs::ckpt).def_readwrite("pre_norms", &SsdArgs::pre_norms)
+      .def_readwrite("path", &SsdArgs::path).def_readwrite("window", &SsdArgs::window)
       .def_readwrite("num_threads", &SsdArgs::num_threads);
   using s1 = void (*)(const SsdArgs&, uintptr_t, uintptr_t, uintptr_t);
-  m.def("ssd_scan_forward", static_cast<s1>(CK_DISPATCH(ssd_scan_forward)), py::call_guard<py::gil_scoped_release>(),
+  m.def("ssd_scan_forward", static_cast<s1>(CK_DISPATCH512(ssd_scan_forward)), py::call_guard<py::gil_scoped_release>(),
         py::arg("args"), py::arg("out"), py::arg("final_state"), py::arg("norms"),
         "SSD scan forward: out (b, l, h, p) contiguous in the feature dtype; optional final state, norms, checkpoints");
   using s2 = void (*)(const SsdArgs&, uintptr_t, const std::vector<int64_t>&, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
                       uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
-  m.def("ssd_scan_backward", static_cast<s2>(CK_DISPATCH(ssd_scan_backward)), py::call_guard<py::gil_scoped_release>(),
+  m.def("ssd_scan_backward", static_cast<s2>(CK_DISPATCH512(ssd_scan_backward)), py::call_guard<py::gil_scoped_release>(),
         py::arg("args"), py::arg("dout"), py::arg("dout_strides"), py::arg("dfinal"), py::arg("dx"), py::arg("dz"),
         py::arg("ddt"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"), py::arg("dinit"),
         "SSD scan backward from the forward's chunk checkpoints (per-head dB/dC, per-(b, h) dA/dD)");
+  m.def("choose_ssd_path", &choose_ssd_path, py::arg("args"), py::arg("want_norms"),
+        "the forward path 'auto' picks: 1 recurrent, 2 chunked (docs/ssd_scan.md)");
   using s = void (*)(std::vector<int64_t>);
   m.def("selective_scan_fwd", static_cast<s>(CK_DISPATCH(selective_scan_fwd)), py::call_guard<py::gil_scoped_release>(),
         py::arg("args"),

@@ -24,10 +24,17 @@ struct SsdArgs {
   uintptr_t init;                            // (b, h, p, n) or 0
   uintptr_t ckpt;                            // (b, h, K, p, n): state entering each chunk
   uintptr_t pre_norms;                       // (b, h, K): ‖state‖ before normalisation at each boundary
+  int path = 0;                              // forward: 0 auto (choose_ssd_path), 1 recurrent, 2 chunked
+  int64_t window = 0;                        // > 0: the windowed recurrence (forward only; no init/τ)
   int num_threads;
 };
 
-// One definition per instruction-set build (namespaces base, avx2); bindings.cpp picks at run time.
+// Forward algorithm for these arguments (1 recurrent, 2 chunked): the measured rule of
+// docs/ssd_scan.md ("Choosing the path"). Norms requested -> recurrent.
+int choose_ssd_path(const SsdArgs& a, bool want_norms);
+
+// One definition per instruction-set build (namespaces base, avx2, avx512); bindings.cpp picks at
+// run time.
 #define COLLAPSEKIT_DECLARE_ISA(ns) namespace ns { \
 void ssd_scan_forward(const SsdArgs& a, uintptr_t out, uintptr_t final_state, uintptr_t norms); \
 void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64_t>& dos, uintptr_t dfinal, \
@@ -35,6 +42,7 @@ void ssd_scan_backward(const SsdArgs& a, uintptr_t dout, const std::vector<int64
                        uintptr_t dD, uintptr_t dinit); }
 COLLAPSEKIT_DECLARE_ISA(base)
 COLLAPSEKIT_DECLARE_ISA(avx2)
+COLLAPSEKIT_DECLARE_ISA(avx512)
 #undef COLLAPSEKIT_DECLARE_ISA
 
 }  // namespace collapsekit

@@ -304,3 +304,65 @@ def backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, init, ckpt, pre, chunk
         SOFTPLUS=bool(dt_softplus), CLAMP=bool(dt_clamp), NORM_MAX=state_norm_max > 0,
         ACC=_acc(x), BLOCK_P=bp, BLOCK_N=bn, num_warps=nw)
     return dx, dz, ddt, dA, dB, dC, dD, dinit
+
+
+@triton.jit
+def ssd_window_norms_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, par_ptr, norms_ptr,
+    L, NH, P, N, HPG, W,
+    xs0, xs1, xs2, xs3, ds0, ds1, ds2, bs0, bs1, bs2, bs3,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The sliding-window state H_t = a_t H_{t−1} + Δ_t x_t B_tᵀ − P_t Δ_{t−W} x_{t−W} B_{t−W}ᵀ,
+    # P_t = Π_{r=t−W+1..t} a_r (a running fp64 sum of log a); writes ‖H_t‖_F only (see
+    # ops/ssd_scan.py: the outputs come from two plain scans).
+    pid = tl.program_id(0).to(tl.int64)
+    bi = pid // NH
+    hi = pid % NH
+    gi = hi // HPG
+    op = tl.arange(0, BLOCK_P)
+    on = tl.arange(0, BLOCK_N)
+    pm = op < P
+    nm = on < N
+    lam = tl.load(par_ptr).to(ACC)
+    dt_min = tl.load(par_ptr + 2).to(ACC)
+    dt_max = tl.load(par_ptr + 3).to(ACC)
+    loglam = tl.log(lam.to(tl.float64))
+    Ah = tl.load(A_ptr + hi).to(ACC)
+    H = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
+    logP = tl.zeros([1], dtype=tl.float64)
+    for t in range(0, L):
+        raw, d = _delta(dt_ptr, bias_ptr, bi, t, hi, ds0, ds1, ds2, dt_min, dt_max, HAS_BIAS, SOFTPLUS, True)
+        d = d.to(ACC)
+        at = lam * tl.exp(d * Ah)
+        logP += d.to(tl.float64) * Ah.to(tl.float64) + loglam
+        xv = tl.load(x_ptr + bi * xs0 + t * xs1 + hi * xs2 + op * xs3, mask=pm, other=0.0).to(ACC)
+        bv = tl.load(B_ptr + bi * bs0 + t * bs1 + gi * bs2 + on * bs3, mask=nm, other=0.0).to(ACC)
+        H = at * H + (d * xv)[:, None] * bv[None, :]
+        if t >= W:
+            to = t - W
+            rawo, do = _delta(dt_ptr, bias_ptr, bi, to, hi, ds0, ds1, ds2, dt_min, dt_max, HAS_BIAS, SOFTPLUS, True)
+            do = do.to(ACC)
+            logP -= do.to(tl.float64) * Ah.to(tl.float64) + loglam
+            pw = tl.sum(tl.exp(logP), axis=0).to(ACC)
+            xo = tl.load(x_ptr + bi * xs0 + to * xs1 + hi * xs2 + op * xs3, mask=pm, other=0.0).to(ACC)
+            bo = tl.load(B_ptr + bi * bs0 + to * bs1 + gi * bs2 + on * bs3, mask=nm, other=0.0).to(ACC)
+            H = H - (pw * do * xo)[:, None] * bo[None, :]
+        tl.store(norms_ptr + (bi * L + t) * NH + hi, tl.sqrt(tl.sum(tl.sum(H * H, axis=1), axis=0)))
+
+
+def window_norms(x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, decay_scale, window):
+    """‖H^W_t‖_F (b, l, h) of the sliding-window state (forward only)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norms = torch.empty(b, l, h, dtype=acc, device=x.device)
+    if b * h == 0 or l == 0:
+        return norms
+    bp, bn, nw = _blocks(p, n)
+    wrap_triton(ssd_window_norms_kernel)[(b * h,)](
+        x, dt, A, B, C, dt_bias if dt_bias is not None else _dummy(x, acc),
+        _params(x, decay_scale, 0.0, dt_min, dt_max), norms, l, h, p, n, h // g, window,
+        *x.stride(), *dt.stride(), *B.stride(),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), ACC=_acc(x), BLOCK_P=bp, BLOCK_N=bn, num_warps=nw)
+    return norms

@@ -49,7 +49,7 @@ def backend_devices():
     return out
 
 
-@pytest.fixture(params=["base", "avx2"])
+@pytest.fixture(params=["base", "avx2", "avx512"])
 def cpu_isa(request):
     """Run a cpp test under each instruction-set build of the kernels this CPU supports."""
     C = _dispatch.cpp()

@@ -114,6 +114,21 @@ def _worker(rank, world, port, out_dir):
         acc.all_reduce()  # nothing new since the last one: must not count twice
         torch.save({k: getattr(acc, k) for k in ("counts", "means", "variance_sums", "covariance_sum")},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # one pass, in three rounds of update + all_reduce: rank 1 has nothing in the first (no mode
+        # yet: it follows rank 0's), the later rounds merge into the synced totals
+        one = ck.CollapseAccumulator(11, 17)
+        hs, ys, ws = h[shard], y[shard], w[shard]
+        half = hs.shape[0] // 2
+        parts = [(hs[:half], ys[:half], ws[:half]), (hs[half:], ys[half:], ws[half:])]
+        rounds = [[parts[0]], [parts[1]], []] if rank == 0 else [[], [parts[0]], [parts[1]]]
+        for batches in rounds:
+            for hb, yb, wb in batches:
+                one.update(hb, yb, wb)
+            one.all_reduce()
+        assert one.mode == "one_pass"
+        one.all_reduce()  # nothing new: must not count twice
+        torch.save({k: getattr(one, k) for k in ("counts", "means", "variance_sums", "covariance_sum")},
+                   os.path.join(out_dir, f"one{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -128,3 +143,7 @@ def test_all_reduce_two_gloo_processes(tmp_path):
         for key, value in got.items():
             # exact up to fp32 rounding inside batches (the shards are batched differently)
             torch.testing.assert_close(value, getattr(single, key), rtol=1e-5, atol=1e-3, msg=f"rank {rank}: {key}")
+        got = torch.load(tmp_path / f"one{rank}.pt")
+        for key, value in got.items():
+            torch.testing.assert_close(value, getattr(single, key), rtol=1e-5, atol=1e-3, msg=f"one-pass rank {rank}: {key}")
+        assert torch.equal(got["covariance_sum"], torch.load(tmp_path / "one0.pt")["covariance_sum"])  # same on every rank

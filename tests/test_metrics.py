@@ -51,7 +51,7 @@ def test_against_reference(n, d, c, soft, monkeypatch):
         assert got["nc4"] == pytest.approx(want["nc4"])
     assert got["num_present"] == c - 2
     pc = got["per_class"]
-    assert set(pc) == {"counts", "mean_norms", "variances", "weight_norms"}
+    assert set(pc) == {"counts", "mean_norms", "variances", "weight_norms", "present"}
     assert pc["counts"][1] == 0 and pc["mean_norms"][1] == 0 and pc["variances"][5] == 0
 
 

@@ -15,7 +15,9 @@ def main(argv=None) -> int:
     b.add_argument("--op", default=None, help="only workloads of this op")
     d = sub.add_parser("demo", help="train a small MLP on a built-in synthetic task past zero error and watch "
                                      "neural collapse happen (CPU, about 10-30 s)")
-    d.add_argument("--epochs", type=int, default=150, help="training epochs (default 150)")
+    d.add_argument("--lm", action="store_true", help="instead: a tiny causal LM on Python's own source text, "
+                                                   "measured with collect_lm (about 2 minutes; see docs/demo.md)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 150; 40 with --lm)")
     d.add_argument("--classes", type=int, default=10, help="number of classes C (default 10)")
     d.add_argument("--dim", type=int, default=128, help="width D of the penultimate layer, the features measured (default 128)")
     d.add_argument("--per-class", type=int, default=300, help="training samples per class (default 300)")
@@ -24,7 +26,7 @@ def main(argv=None) -> int:
     d.add_argument("--loss", default="ce", choices=["ce", "mse"], help="training loss (default ce)")
     d.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     d.add_argument("--threads", type=int, default=None, help="CPU threads for training (default 1; see docs/demo.md)")
-    d.add_argument("--out", default="collapse.png", help="the figure (default collapse.png; '' for none)")
+    d.add_argument("--out", default=None, help="the figure (default collapse.png, collapse_lm.png with --lm; '' for none)")
     a = sub.add_parser("analyze", help="measure neural collapse of saved features (.pt, .npz, .safetensors)")
     a.add_argument("file", help="a .pt, .npz or .safetensors file with features [N, D] and labels [N] "
                                 "(optionally weight [C, D] and bias [C])")
@@ -37,6 +39,21 @@ def main(argv=None) -> int:
     a.add_argument("--device", default="cpu", help="where the batches are measured (default cpu)")
     a.add_argument("--json", metavar="PATH", help="write the metrics (and per-class arrays) as JSON")
     a.add_argument("--plot", metavar="PATH", help="write the per-class figure (mean norm and variance vs class count)")
+    lm = sub.add_parser("analyze-lm", help="neural collapse of a local transformers causal LM over token ids "
+                                           "(.npy, .pt, .safetensors), in one pass")
+    lm.add_argument("model_dir", help="a local model directory (save_pretrained); nothing is downloaded")
+    lm.add_argument("tokens", help="integer token ids [num_seqs, L], or a 1-D stream with --seq-len")
+    lm.add_argument("--seq-len", type=int, default=None, help="cut a 1-D token stream into rows of this length")
+    lm.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    lm.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
+    lm.add_argument("--layers", default=None, help="also these hidden-state indices, e.g. 0,6,-2 "
+                                                    "(transformers' output_hidden_states numbering)")
+    lm.add_argument("--min-count", type=float, default=1, help="tokens seen fewer times count as absent (default 1)")
+    lm.add_argument("--max-count", type=float, default=None, help="tokens seen more times count as absent")
+    lm.add_argument("--decisions", action="store_true", help="a second pass for NC4 (classifier vs nearest mean)")
+    lm.add_argument("--json", metavar="PATH", help="write the metrics (and per-token arrays) as JSON")
+    lm.add_argument("--plot", metavar="PATH", help="write the per-token figure against token frequency")
+    lm.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
     if args.command == "bench":
         from . import benchmarks
@@ -51,6 +68,10 @@ def main(argv=None) -> int:
         from . import analyze
 
         return analyze.main(args)
+    elif args.command == "analyze-lm":
+        from . import analyze_lm
+
+        return analyze_lm.main(args)
     return 0
 
 

@@ -261,6 +261,14 @@ def summary(rows: List[Dict[str, Any]], seconds: float) -> str:
 
 def main(args) -> int:
     """The ``collapsekit demo`` subcommand (args from cli.py)."""
+    if getattr(args, "lm", False):
+        from . import demo_lm
+
+        return demo_lm.main(args)
+    if getattr(args, "epochs", None) is None:
+        args.epochs = 150
+    if getattr(args, "out", None) is None:
+        args.out = "collapse.png"
     t0 = time.perf_counter()
     try:
         rows = run(epochs=args.epochs, classes=args.classes, dim=args.dim, seed=args.seed, device=args.device,

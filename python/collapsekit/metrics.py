@@ -20,20 +20,34 @@ import torch
 from .ops import pairwise
 
 
+def _eigh(a: torch.Tensor):
+    """torch.linalg.eigh on one CPU thread: at these sizes (≤ D x D) the threaded LAPACK gains
+    nothing and, on a shared 2-core machine, spin-waits: 768 x 768 fp64 took 2-23 s with 2 threads
+    and 0.12 s with 1 (measured)."""
+    if a.device.type != "cpu":
+        return torch.linalg.eigh(a)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(a)
+    finally:
+        torch.set_num_threads(old)
+
+
 def _nc1(centred: torch.Tensor, sigma_w: torch.Tensor, rtol: float = 1e-10) -> float:
     """Tr(Σ_W Σ_B⁺) / K with Σ_B = M̃ᵀM̃ / K, eigenvalues <= rtol·λ_max dropped, in fp64.
     Through the K x K Gram when K < D (same result), else through the D x D Σ_B."""
     m = centred.double()
     k, d = m.shape
     if k < d:
-        evals, u = torch.linalg.eigh(m @ m.t())              # M̃M̃ᵀ = U S² Uᵀ; eigvals of Σ_B are S²/K
+        evals, u = _eigh(m @ m.t())              # M̃M̃ᵀ = U S² Uᵀ; eigvals of Σ_B are S²/K
         keep = evals > rtol * evals.max().clamp_min(0)
         u, s2 = u[:, keep], evals[keep]
         v = (m.t() @ u) / s2.sqrt()                             # right singular vectors [D, r]
         # Tr(Σ_W Σ_B⁺)/K = Σ_j v_jᵀ Σ_W v_j / s_j²
         return float(((v * (sigma_w @ v)).sum(0) / s2).sum())
     sigma_b = m.t() @ m / k
-    evals, v = torch.linalg.eigh(sigma_b)
+    evals, v = _eigh(sigma_b)
     keep = evals > rtol * evals.max().clamp_min(0)
     v, lam = v[:, keep], evals[keep]
     return float(((v * (sigma_w @ v)).sum(0) / lam).sum()) / k
@@ -72,17 +86,26 @@ def classifier_argmax(features: torch.Tensor, weight: torch.Tensor, bias: Option
 
 def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums: torch.Tensor,
                         covariance_sum: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
-                        bias: Optional[torch.Tensor] = None, decisions: Optional[torch.Tensor] = None
-                        ) -> Dict[str, Any]:
-    """All docs/design.md metric keys from fp64 totals. Absent classes (counts == 0) are excluded;
-    keys that need a classifier (nc3, nc3_cos, unc3), decisions (nc4) or the within-class scatter
-    (nc1) are left out when those were not given."""
-    present = counts != 0
+                        bias: Optional[torch.Tensor] = None, decisions: Optional[torch.Tensor] = None,
+                        *, min_count: float = 1, max_count: Optional[float] = None) -> Dict[str, Any]:
+    """All docs/design.md metric keys from fp64 totals. Absent classes (counts == 0, or counts outside
+    ``[min_count, max_count]``) are excluded; keys that need a classifier (nc3, nc3_cos, unc3),
+    decisions (nc4) or the within-class scatter (nc1) are left out when those were not given.
+    ``per_class`` keeps every class and a bool ``present`` mask; ``mean_norms`` / ``variances``
+    are filled for every class with a non-zero count (centred on the global mean of the present
+    ones), zero for the rest."""
+    seen = counts != 0
+    present = seen & (counts >= min_count)
+    if max_count is not None:
+        present &= counts <= max_count
     k = int(present.sum())
     c = counts.shape[0]
     idx = present.nonzero()[:, 0]
-    mu = means.double()[idx]
-    centred = mu - mu.mean(0, keepdim=True)
+    # [K, D] fp64 buffers are 300 MB each at vocabulary scale (K = 50k, D = 768): one for the
+    # centred means (centred in place), row tiles for everything that involves the classifier
+    centred = means.double()[idx]
+    m_g = centred.mean(0, keepdim=True)
+    centred -= m_g
     n = counts.double()[idx]
     sigma2 = variance_sums.double()[idx] / n
     mean_norms = centred.norm(dim=1)
@@ -97,24 +120,39 @@ def metrics_from_totals(counts: torch.Tensor, means: torch.Tensor, variance_sums
         out["gnc2"] = pw["log_kernel"] / p
         out["nc2_equinorm"] = float(mean_norms.std(unbiased=False) / mean_norms.mean())
         out["etf_error"] = etf_error_of_rows(centred)
-        tr_b = float(centred.pow(2).sum()) / k
+        tr_b = float(mean_norms.pow(2).sum()) / k
         tr_w = float(variance_sums.double()[idx].sum() / n.sum())
         out["nc1_quotient"] = tr_w / tr_b
-        if covariance_sum is not None:
+        # Σ_W is one [D, D] total over every sample; it cannot be split by class, so nc1 is left
+        # out when the count range drops classes that were seen (nc1_quotient still applies)
+        if covariance_sum is not None and k == int(seen.sum()):
             out["nc1"] = _nc1(centred, covariance_sum.double() / n.sum())
+    sidx = seen.nonzero()[:, 0]
+    zeros = torch.zeros(c, dtype=torch.float64, device=counts.device)
+    if k and sidx.numel() != k:  # classes seen but outside the count range: centred on the same m_G
+        all_norms = zeros.index_copy(0, sidx, (means.double()[sidx] - m_g).norm(dim=1))
+    else:
+        all_norms = zeros.index_copy(0, idx, mean_norms)
     per_class = {
         "counts": counts.double(),
-        "mean_norms": torch.zeros(c, dtype=torch.float64, device=counts.device).index_copy(0, idx, mean_norms),
-        "variances": torch.zeros(c, dtype=torch.float64, device=counts.device).index_copy(0, idx, sigma2),
+        "mean_norms": all_norms,
+        "variances": zeros.index_copy(0, sidx, variance_sums.double()[sidx] / counts.double()[sidx]),
+        "present": present,
     }
     if weight is not None:
-        w = weight.double()
-        per_class["weight_norms"] = w.norm(dim=1)
+        tile = max(1, (1 << 22) // max(1, weight.shape[1]))  # 32 MiB of fp64 rows at a time
+        per_class["weight_norms"] = torch.cat([weight[i:i + tile].double().norm(dim=1)
+                                               for i in range(0, weight.shape[0], tile)])
     if weight is not None and k >= 2:  # with one class the centred mean is 0: no direction to compare
-        w = weight.double()
-        wp = w[idx]
-        out["nc3"] = float((wp / wp.norm() - centred / centred.norm()).pow(2).sum())
-        cos = (wp * centred).sum(1) / (wp.norm(dim=1) * mean_norms)
+        wn = per_class["weight_norms"][idx]
+        w_fro, m_fro = float(wn.pow(2).sum().sqrt()), float(mean_norms.pow(2).sum().sqrt())
+        nc3, dots = 0.0, []
+        for i in range(0, k, tile):  # ‖W_P/‖W_P‖ − M̃/‖M̃‖‖² and the row cosines, tile by tile
+            wt, ct = weight[idx[i:i + tile]].double(), centred[i:i + tile]
+            nc3 += float((wt / w_fro - ct / m_fro).pow(2).sum())
+            dots.append((wt * ct).sum(1))
+        out["nc3"] = nc3
+        cos = torch.cat(dots) / (wn * mean_norms)
         out["nc3_cos"] = float(cos.mean())
         out["unc3"] = float(cos.var(unbiased=False))
     if decisions is not None and float(decisions[1]) > 0:  # [disagreeing rows, rows] from update_decisions

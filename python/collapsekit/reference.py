@@ -159,11 +159,14 @@ def etf_logits(features: torch.Tensor, etf: torch.Tensor, scale: float = 1.0, ep
     return scale * (h / n) @ etf.double().t()
 
 
-def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, initial_states=None,
+def ssd_scan(x, dt, A, B, C, chunk_size=64, *, D=None, z=None, dt_bias=None, initial_states=None,
              dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, return_state_norms=False,
-             decay_scale=1.0, state_norm_max=None):
+             decay_scale=1.0, state_norm_max=None, window=None):
     """fp64 step-by-step SSD (Mamba-2) recurrence, literally as DESIGN.md writes it; differentiable.
-    ``dt_limit`` clamps only when it differs from the default ``(0, inf)`` (mamba-ssm's rule)."""
+    ``window=W``: the windowed state literally, ``H_t = Σ_{s=t−W+1..t} (Π_{r=s+1..t} a_r) Δ_s x_s B_sᵀ``
+    (no initial state, no state_norm_max).
+    ``dt_limit`` always clamps (mamba-ssm's kernel does): with the default ``(0, inf)`` a negative
+    ``dt + dt_bias`` becomes 0 and gets gradient 0."""
     import torch.nn.functional as F
 
     b, l, h, p = x.shape
@@ -172,15 +175,30 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size=64, D=None, z=None, dt_bias=None, ini
     dtv = dt.double() + (dt_bias.double() if dt_bias is not None else 0.0)
     if dt_softplus:
         dtv = F.softplus(dtv)
-    if tuple(dt_limit) != (0.0, float("inf")):
-        dtv = dtv.clamp(dt_limit[0], dt_limit[1])
+    dtv = dtv.clamp(dt_limit[0], dt_limit[1])
     a = decay_scale * torch.exp(dtv * A.double())
     Bh = B.double().repeat_interleave(h // g, dim=2)
     Ch = C.double().repeat_interleave(h // g, dim=2)
     H = initial_states.double() if initial_states is not None else X.new_zeros(b, h, p, n)
     Dd = None if D is None else (D.double()[:, None] if D.dim() == 1 else D.double())
-    ys, norms = [], []
-    for t in range(l):
+    if window is not None:
+        loga = torch.log(a)                                           # (b, l, h)
+        S = torch.cumsum(loga, 1)
+        U = (dtv[..., None] * X)                                      # Δ_s x_s: (b, l, h, p)
+        ys, norms = [], []
+        for t in range(l):
+            s0 = max(0, t - window + 1)
+            w = torch.exp(S[:, t:t + 1] - S[:, s0:t + 1])            # Π_{r=s+1..t} a_r: (b, ws, h)
+            H = torch.einsum("bsh,bshp,bshn->bhpn", w, U[:, s0:t + 1], Bh[:, s0:t + 1])
+            y = (H * Ch[:, t, :, None, :]).sum(-1)
+            if Dd is not None:
+                y = y + Dd * X[:, t]
+            ys.append(y)
+            norms.append(H.detach().flatten(2).norm(dim=2))
+        if l == 0:
+            H = X.new_zeros(b, h, p, n)
+    ys, norms = ([], []) if window is None else (ys, norms)
+    for t in range(l if window is None else 0):
         if t > 0 and t % chunk_size == 0 and state_norm_max is not None:
             nrm = H.flatten(2).norm(dim=2)
             f = torch.where(nrm > state_norm_max, state_norm_max / nrm.clamp_min(1e-300), torch.ones_like(nrm))

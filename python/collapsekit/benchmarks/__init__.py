@@ -11,6 +11,6 @@ from .runner import check_outputs, format_table, run, run_workload, select  # no
 from .workload import WORKLOADS, Workload, fwd_bwd, register  # noqa: F401
 
 # the families register their workloads on import (table order = import order)
-from . import neural_collapse, ssd_scan, selective_scan  # noqa: F401,E402
+from . import neural_collapse, ssd_scan, selective_scan, accumulator  # noqa: F401,E402
 from .neural_collapse import eager_class_means, eager_within_class_variance  # noqa: F401,E402
 from .ssd_scan import eager_ssd_chunked, eager_ssd_loop  # noqa: F401,E402

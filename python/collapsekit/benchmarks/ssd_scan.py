@@ -72,12 +72,29 @@ def _ssd_inputs(b, l, h, p, g, n, dtype, device, grad=False):
     return inp
 
 
-def _ssd_workload(b, l, h, p, g, n, dtype, devices, backward=False, quick=False, full=True, loop=True):
+def _ssd_flops(b, l, h, p, g, n, chunk=64, backward=False):
+    """Multiply-adds x 2 of the chunked algorithm's products (forward: intra-chunk (C Bᵀ ∘ L) X̃ on
+    the lower triangle, the chunk states and the state-to-output product; C Bᵀ once per group).
+    The backward's products are ~2.5x the forward's (csrc/ssd_scan.cpp)."""
+    fwd = 2 * b * l * (h * (2 * p * n + chunk * p / 2) + g * chunk * n)
+    return int(fwd * (3.5 if backward else 1))
+
+
+def _ssd_path(path):
+    f = lambda **k: ck.ssd_scan(**k, backend="cpp", path=path)
+    f.__name__ = "ssd_scan_" + path
+    return f
+
+
+def _ssd_workload(b, l, h, p, g, n, dtype, devices, backward=False, quick=False, full=True, loop=True,
+                  compile=True):
     baselines = {"eager": eager_ssd_chunked}
     if loop:
         baselines["eager_loop"] = eager_ssd_loop
+    variants = {"cpu": {"chunked": _ssd_path("chunked"), "recurrent": _ssd_path("recurrent")}}
     if backward:
         baselines = {k: fwd_bwd(v) for k, v in baselines.items()}
+        variants = {"cpu": {k: fwd_bwd(v) for k, v in variants["cpu"].items()}}
     elt = torch.finfo(dtype).bits // 8
     return Workload(op="ssd_scan_fwd_bwd" if backward else "ssd_scan", shape=dict(b=b, l=l, h=h, p=p, g=g, n=n),
                     dtype=dtype, make=lambda device: _ssd_inputs(b, l, h, p, g, n, dtype, device, grad=backward),
@@ -85,7 +102,8 @@ def _ssd_workload(b, l, h, p, g, n, dtype, devices, backward=False, quick=False,
                     # x in + out (+ B, C, dt); the backward reads them again and writes their grads
                     bytes_moved=lambda inp: (2 * b * l * h * p + 2 * b * l * g * n + b * l * h) * elt * (3 if backward else 1),
                     floor_bytes=lambda inp: b * l * h * p * elt,
-                    devices=devices, quick=quick, full=full, no_compile=("eager_loop",))
+                    devices=devices, quick=quick, full=full, no_compile=("eager_loop",), variants=variants,
+                    flops=lambda inp: _ssd_flops(b, l, h, p, g, n, backward=backward), compile=compile)
 
 
 # the issue-7 CPU goal shape, forward and forward+backward
@@ -94,5 +112,9 @@ register(_ssd_workload(2, 2048, 24, 64, 1, 128, torch.float32, ("cpu",), backwar
 # the GPU shape (bf16); the Python loop over 8192 steps is left out there
 register(_ssd_workload(8, 8192, 32, 64, 1, 128, torch.bfloat16, ("cuda",), loop=False))
 register(_ssd_workload(8, 8192, 32, 64, 1, 128, torch.bfloat16, ("cuda",), backward=True, loop=False))
+# long contexts (issue 13): linear time and O(output + l/chunk·state) extra memory; compare the
+# two rows' collapsekit times (goal <= 9.5x for 8x the length) and peak extra memory (<= 1.5x output)
+register(_ssd_workload(1, 32768, 8, 64, 1, 64, torch.float32, ("cpu",), loop=False))
+register(_ssd_workload(1, 262144, 8, 64, 1, 64, torch.float32, ("cpu",), loop=False))
 register(_ssd_workload(1, 130, 4, 16, 2, 16, torch.float32, ("cpu", "cuda"), quick=True, full=False))
 register(_ssd_workload(1, 130, 4, 16, 2, 16, torch.float32, ("cpu", "cuda"), backward=True, quick=True, full=False))

@@ -30,7 +30,7 @@ def _num_chunks(l: int, chunk_size: int) -> int:
 # ----------------------------------------------------------------------------------- cpp ------
 
 def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp, decay_scale,
-          state_norm_max, ckpt, pre):
+          state_norm_max, ckpt, pre, path=0):
     C_ = _dispatch.cpp()
     a = C_.SsdArgs()
     a.dtype = _dispatch.FLOAT_CODES[x.dtype]
@@ -49,6 +49,7 @@ def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, 
     a.init = init.data_ptr() if init is not None else 0
     a.ckpt = ckpt.data_ptr() if ckpt is not None and ckpt.numel() else 0
     a.pre_norms = pre.data_ptr() if pre is not None and pre.numel() else 0
+    a.path = path
     a.num_threads = _dispatch.num_threads()
     return a
 
@@ -57,10 +58,12 @@ def _args(x, dt, A, B, C, D, z, dt_bias, init, chunk_size, dt_softplus, dt_min, 
 def _ssd_scan_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                   dt_bias: Optional[Tensor], initial_states: Optional[Tensor], chunk_size: int, dt_softplus: bool,
                   dt_min: float, dt_max: float, dt_clamp: bool, decay_scale: float, state_norm_max: float,
-                  save_checkpoints: bool, want_norms: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  save_checkpoints: bool, want_norms: bool, path: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, l, h, p = x.shape
     n = B.shape[3]
     acc = _acc(x)
+    if path not in (0, 1, 2):
+        raise ValueError(f"collapsekit::ssd_scan_cpp: path must be 0 (auto), 1 (recurrent) or 2 (chunked), got {path}")
     out = torch.empty(b, l, h, p, dtype=x.dtype)
     final = torch.empty(b, h, p, n, dtype=acc)
     norms = torch.empty(b, l, h, dtype=acc) if want_norms else x.new_empty(0, dtype=acc)
@@ -68,7 +71,7 @@ def _ssd_scan_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
     ckpt = torch.empty(b, h, k, p, n, dtype=acc) if save_checkpoints else x.new_empty(0, dtype=acc)
     pre = torch.zeros(b, h, k, dtype=acc) if save_checkpoints and state_norm_max > 0 else x.new_empty(0, dtype=acc)
     a = _args(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-              decay_scale, state_norm_max, ckpt, pre)
+              decay_scale, state_norm_max, ckpt, pre, path)
     _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr() if want_norms else 0)
     return out, final, norms, ckpt, pre
 
@@ -78,7 +81,7 @@ def _ssd_scan_backward_cpp(gout: Tensor, gfinal: Optional[Tensor], x: Tensor, dt
                            C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                            initial_states: Optional[Tensor], ckpt: Tensor, pre: Tensor, chunk_size: int,
                            dt_softplus: bool, dt_min: float, dt_max: float, dt_clamp: bool, decay_scale: float,
-                           state_norm_max: float) -> List[Tensor]:
+                           state_norm_max: float, path: int) -> List[Tensor]:
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     acc = _acc(x)
@@ -93,7 +96,7 @@ def _ssd_scan_backward_cpp(gout: Tensor, gfinal: Optional[Tensor], x: Tensor, dt
     dinit = torch.empty(b, h, p, n, dtype=acc)
     gf = gfinal.to(acc).contiguous() if gfinal is not None else None
     a = _args(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-              decay_scale, state_norm_max, ckpt, pre)
+              decay_scale, state_norm_max, ckpt, pre, path if path in (0, 1, 2) else 0)
     _dispatch.cpp().ssd_scan_backward(a, gout.data_ptr(), list(gout.stride()), gf.data_ptr() if gf is not None else 0,
                                       dx.data_ptr(), dz.data_ptr() if z is not None else 0, ddt.data_ptr(),
                                       dA.data_ptr(), dB.data_ptr(), dC.data_ptr(),
@@ -114,7 +117,7 @@ def _ssd_scan_triton_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
                           z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
                           chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float, dt_clamp: bool,
                           decay_scale: float, state_norm_max: float,
-                          save_checkpoints: bool, want_norms: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          save_checkpoints: bool, want_norms: bool, path: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import ssd_scan as k
 
     out, final, norms, ckpt, pre = k.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus,
@@ -126,7 +129,8 @@ def _ssd_scan_backward_triton_impl(gout: Tensor, gfinal: Optional[Tensor], x: Te
                                    B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                                    dt_bias: Optional[Tensor], initial_states: Optional[Tensor], ckpt: Tensor,
                                    pre: Tensor, chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float,
-                                   dt_clamp: bool, decay_scale: float, state_norm_max: float) -> List[Tensor]:
+                                   dt_clamp: bool, decay_scale: float, state_norm_max: float,
+                                   path: int) -> List[Tensor]:
     from ..kernels import ssd_scan as k
 
     grads = k.backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size,
@@ -141,7 +145,7 @@ _ssd_scan_backward_triton = _library.triton_op("ssd_scan_backward_triton", _ssd_
 # ------------------------------------------------------------------------ fake + autograd ------
 
 def _fake(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max, dt_clamp,
-          decay_scale, state_norm_max, save_checkpoints, want_norms):
+          decay_scale, state_norm_max, save_checkpoints, want_norms, path):
     b, l, h, p = x.shape
     n = B.shape[3]
     acc = _acc(x)
@@ -153,7 +157,7 @@ def _fake(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus
 
 
 def _fake_backward(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, ckpt, pre, chunk_size, dt_softplus,
-                   dt_min, dt_max, dt_clamp, decay_scale, state_norm_max):
+                   dt_min, dt_max, dt_clamp, decay_scale, state_norm_max, path):
     b, l, h, p = x.shape
     acc = _acc(x)
     return [x.new_empty(x.shape), x.new_empty(x.shape) if z is not None else x.new_empty(0),
@@ -168,7 +172,7 @@ _FLAGS = ("chunk_size", "dt_softplus", "dt_min", "dt_max", "dt_clamp", "decay_sc
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
         x, dt, A, B, C, D, z, dt_bias, init = inputs[:9]
-        ctx.flags = inputs[9:16]
+        ctx.flags = inputs[9:16] + (inputs[18],)  # (+ the path: the backward uses the same one)
         ctx.has = (D is not None, z is not None, dt_bias is not None, init is not None)
         _, _, _, ckpt, pre = output
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, ckpt, pre)
@@ -185,7 +189,7 @@ def _make_autograd(backward_op):
                                                                 ckpt, pre, *ctx.flags)
         has_d, has_z, has_bias, has_init = ctx.has
         return (dx, ddt, dA, dB, dC, dD if has_d else None, dz if has_z else None, dbias if has_bias else None,
-                dinit if has_init else None) + (None,) * 9
+                dinit if has_init else None) + (None,) * 10
 
     return backward, setup_context
 
@@ -198,6 +202,9 @@ for _fwd, _bwd in ((_ssd_scan_cpp, _ssd_scan_backward_cpp), (_ssd_scan_triton, _
 
 
 # -------------------------------------------------------------------------------- public ------
+
+_PATHS = {"cpp": ("auto", "recurrent", "chunked"), "triton": ("auto", "recurrent")}
+
 
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, decay_scale, state_norm_max):
     op = "ssd_scan"
@@ -250,12 +257,14 @@ def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, 
     _validate.same_device(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
 
 
-def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: int = 64,
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64, *,
              D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
              initial_states: Optional[Tensor] = None, dt_softplus: bool = False,
              dt_limit: Tuple[float, float] = (0.0, INF), return_final_states: bool = False,
              return_state_norms: bool = False, decay_scale: float = 1.0, state_norm_max: Optional[float] = None,
-             backend: str = "auto"):
+             backend: str = "auto", path: str = "auto", window: Optional[int] = None,
+             seq_idx: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+             return_varlen_states: bool = False, seq_offset: int = 0):
     """The SSD (Mamba-2) scan, with the semantics of mamba-ssm's ``mamba_chunk_scan_combined``.
 
     ::
@@ -273,13 +282,26 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
             spacing; it changes nothing else (beyond rounding). Any ``seqlen`` works.
         D: ``(nheads,)`` or ``(nheads, headdim)``. z: like x. dt_bias: ``(nheads,)``.
         initial_states: ``(batch, nheads, headdim, dstate)``.
-        dt_limit: ``(min, max)`` clamp of Δ; as in mamba-ssm, the default ``(0, inf)`` clamps nothing.
+        dt_limit: ``(min, max)`` clamp of Δ, always applied as in mamba-ssm's kernel: with the
+            default ``(0, inf)`` a negative Δ becomes 0 (gradient 0).
         decay_scale: λ, "forget more" (Stuffed Mamba): ``a_t = λ · exp(Δ_t A)``.
         state_norm_max: τ: the state entering every chunk after the first is rescaled to Frobenius
             norm τ (per batch and head) where it is larger (state normalisation). Differentiable.
         return_final_states / return_state_norms: also return the final state
             ``(batch, nheads, headdim, dstate)`` and ``‖H_t‖_F`` ``(batch, seqlen, nheads)``
             (accumulation dtype; the norms are not differentiable).
+        window: W, the sliding-window mitigation of state collapse: the state holds only the last W
+            inputs, ``y_t = C_t·Σ_{s=t−W+1..t} (Π_{r=s+1..t} a_r) Δ_s x_s B_sᵀ + D x_t`` (any W >= 1;
+            differentiable). Not with ``initial_states`` or ``state_norm_max`` (ValueError).
+        seq_idx: ``(batch, seqlen)`` int32, non-decreasing: the state resets to zero where it
+            changes (packed sequences); ``initial_states`` applies to each row's first sequence.
+        cu_seqlens: ``(num_seqs + 1,)`` sequence starts (batch 1); with ``return_varlen_states``
+            each sequence's final state ``(num_seqs, nheads, headdim, dstate)`` is returned too.
+        seq_offset: k: ``x[:, 0]`` is position k of its sequence (for split calls); state_norm_max
+            acts at multiples of chunk_size from the sequence start, so split calls equal one call.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        path: the forward algorithm, for tuning and tests: ``"auto"`` (the measured rule of
+            docs/ssd_scan.md), ``"recurrent"`` or (cpp) ``"chunked"``. Same result up to rounding.
 
     Returns:
         ``out`` (x's shape and dtype), then the final states, then the state norms, as requested.
@@ -289,16 +311,36 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     op = "ssd_scan"
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, decay_scale, state_norm_max)
     backend = _dispatch.resolve_backend(backend, x.device, op)
+    if seq_idx is not None or cu_seqlens is not None or return_varlen_states or seq_offset != 0:
+        return _packed(x, dt, A, B, C, chunk_size, dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                                        dt_limit=dt_limit, decay_scale=decay_scale, backend=backend,
+                                                        path=path, window=window),
+                       initial_states, state_norm_max, return_final_states, return_state_norms, seq_idx, cu_seqlens,
+                       return_varlen_states, seq_offset)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
+        if initial_states is not None:
+            raise ValueError(f"{op}: window cannot be combined with initial_states (the window would have to "
+                             "reach into the inputs that made the initial state; not exact)")
+        if state_norm_max is not None:
+            raise ValueError(f"{op}: window cannot be combined with state_norm_max (pick one mitigation)")
     if backend == "reference":
         from .. import reference
 
         res = reference.ssd_scan(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                                  initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
                                  return_final_states=return_final_states, return_state_norms=return_state_norms,
-                                 decay_scale=decay_scale, state_norm_max=state_norm_max)
+                                 decay_scale=decay_scale, state_norm_max=state_norm_max, window=window)
         if not (return_final_states or return_state_norms):
             return res.to(x.dtype)
         return (res[0].to(x.dtype),) + tuple(res[1:])
+    if path not in _PATHS.get(backend, ()):
+        raise ValueError(f"{op}: path for the {backend} backend must be one of {_PATHS.get(backend, ('auto',))}, "
+                         f"got {path!r}")
+    if window is not None and window < x.shape[1]:
+        return _windowed(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, return_final_states,
+                         return_state_norms, decay_scale, backend, path, window)
     b, l, h, p = x.shape
     acc = _acc(x)
     # canonical forms (differentiable casts/expands: autograd maps the gradients back)
@@ -309,17 +351,230 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_si
     z_c = None if z is None else z.to(x.dtype)
     bias_c = None if dt_bias is None else dt_bias.to(acc).contiguous()
     init_c = None if initial_states is None else initial_states.to(acc).contiguous()
-    dt_clamp = tuple(float(v) for v in dt_limit) != (0.0, INF)
+    dt_clamp = True  # always (mamba-ssm's kernel clamps even with the default (0, inf))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
     fn = _ssd_scan_cpp if backend == "cpp" else _ssd_scan_triton
     out, final, norms, _, _ = fn(x, dt_c, A_c, B_c, C_c, D_c, z_c, bias_c, init_c, chunk_size, bool(dt_softplus),
                                  float(dt_limit[0]), float(dt_limit[1]), dt_clamp, float(decay_scale),
                                  float(state_norm_max) if state_norm_max is not None else 0.0, needs_grad,
-                                 bool(return_state_norms))
+                                 bool(return_state_norms), _PATHS[backend].index(path))
     res = [out]
     if return_final_states:
         res.append(final)
     if return_state_norms:
         res.append(norms)
     return res[0] if len(res) == 1 else tuple(res)
+
+
+def _windowed(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, return_final_states,
+              return_state_norms, decay_scale, backend, path, W):
+    """window=W < seqlen as the state difference of two plain scans over the same states H:
+
+        y^W_t = y_t − C_t · P_t · H_{t−W},   P_t = Π_{r=t−W+1..t} a_r
+              = y_t − (second scan's output at τ = t − W),  its C'_τ = C_{τ+W} · P_{τ+W}
+
+    The second scan runs over the first l − W steps (its states are H_0..H_{l−W−1}) with C' per head
+    (groups = heads); its final state gives the windowed final state H_{l−1} − P_{l−1} H_{l−W−1}. Both
+    scans are the fast chunked/recurrent kernels, so forward and backward (autograd through both and
+    the torch ops here) cost about two plain scans. P comes from an fp64 cumulative sum of log a.
+    The subtraction loses accuracy relative to ‖H_t‖ (the unwindowed state), so a fast-growing
+    state costs relative error ~ eps·‖H_t‖/‖H^W_t‖ (docs/ssd_scan.md). Per-step norms of the windowed
+    state come from the windowed recurrence kernel (forward only: they are not differentiable)."""
+    import torch.nn.functional as F
+
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    acc = _acc(x)
+    d = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
+    if dt_softplus:
+        d = F.softplus(d)
+    d = d.clamp(float(dt_limit[0]), float(dt_limit[1]))
+    loga = d.double() * A.double() + math.log(decay_scale)
+    S = torch.cumsum(loga, 1)                                        # (b, l, h)
+    P = torch.exp(S[:, W:] - S[:, :l - W]).to(acc)                   # P_{τ+W}, τ = 0..l−W−1
+    Ch = C.to(acc).repeat_interleave(h // g, dim=2)[:, W:] * P[..., None]
+    Bh = B.to(x.dtype).repeat_interleave(h // g, dim=2)[:, :l - W]
+    kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, decay_scale=decay_scale,
+              return_final_states=True, backend=backend, path=path)
+    y1, f1 = ssd_scan(x, dt, A, B, C, chunk_size, **kw)
+    y2, f2 = ssd_scan(x[:, :l - W], dt[:, :l - W], A, Bh, Ch.to(x.dtype), chunk_size, **kw)
+    y = y1.to(acc) - F.pad(y2.to(acc), (0, 0, 0, 0, W, 0))
+    if D is not None:
+        y = y + (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc)) * x.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    res = [y.to(x.dtype)]
+    if return_final_states:
+        res.append(f1 - P[:, -1, :, None, None] * f2)
+    if return_state_norms:
+        res.append(_window_norms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, decay_scale, backend, W))
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+def _window_norms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, decay_scale, backend, W):
+    """‖H^W_t‖_F (b, l, h) from the windowed recurrence H_t = a_t H_{t−1} + Δ_t x_t B_tᵀ − P_t Δ_{t−W} x_{t−W} B_{t−W}ᵀ
+    (no autograd: the norms are a diagnostic)."""
+    acc = _acc(x)
+    with torch.no_grad():
+        args = (x.detach(), dt.detach().to(acc), A.detach().to(acc).contiguous(), B.detach().to(x.dtype),
+                C.detach().to(x.dtype), dt_bias.detach().to(acc).contiguous() if dt_bias is not None else None,
+                bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]), float(decay_scale), W)
+        if backend == "cpp":
+            return _window_norms_cpp(*args)
+        from ..kernels import ssd_scan as k
+
+        return k.window_norms(*args)
+
+
+@torch.library.custom_op("collapsekit::ssd_window_norms_cpp", mutates_args=())
+def _window_norms_cpp(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Optional[Tensor],
+                      dt_softplus: bool, dt_min: float, dt_max: float, decay_scale: float, W: int) -> Tensor:
+    b, l, h, p = x.shape
+    if W < 1 or tuple(dt.shape) != (b, l, h) or tuple(A.shape) != (h,) or B.shape[:2] != (b, l) or \
+            C.shape != B.shape or (dt_bias is not None and tuple(dt_bias.shape) != (h,)):
+        raise ValueError("collapsekit::ssd_window_norms_cpp: shapes do not match x (b, l, h, p)")
+    n = B.shape[3]
+    acc = _acc(x)
+    out = torch.empty(b, l, h, p, dtype=x.dtype)
+    final = torch.empty(b, h, p, n, dtype=acc)
+    norms = torch.empty(b, l, h, dtype=acc)
+    a = _args(x, dt, A, B, C, None, None, dt_bias, None, 64, dt_softplus, dt_min, dt_max, True, decay_scale, 0.0,
+              None, None, 1)
+    a.window = W
+    _dispatch.cpp().ssd_scan_forward(a, out.data_ptr(), final.data_ptr(), norms.data_ptr())
+    return norms
+
+
+# ------------------------------------------------------------------ packed sequences, offsets ------
+
+def _segments(seq_idx, cu_seqlens, b, l, return_varlen_states, x):
+    """Per batch row, the [start, end) runs of the packed sequences (from seq_idx and/or cu_seqlens),
+    validated; cu_seqlens' own list (with empty sequences) is returned for the varlen states."""
+    op = "ssd_scan"
+    runs = [[(0, l)] for _ in range(b)]
+    if seq_idx is not None:
+        _validate.tensor(seq_idx, "seq_idx", op)
+        if seq_idx.dtype not in (torch.int32, torch.int64) or tuple(seq_idx.shape) != (b, l):
+            raise ValueError(f"{op}: seq_idx must be an int32 (batch, seqlen) = {(b, l)} tensor, got "
+                             f"{seq_idx.dtype} {tuple(seq_idx.shape)}")
+        if seq_idx.device != x.device:
+            raise ValueError(f"{op}: seq_idx must be on x's device {x.device}, got {seq_idx.device}")
+        si = seq_idx.cpu()
+        if l > 1 and bool((si[:, 1:] < si[:, :-1]).any()):
+            raise ValueError(f"{op}: seq_idx must be non-decreasing along the sequence")
+        runs = []
+        for r in si:
+            cut = [0] + (torch.nonzero(r[1:] != r[:-1]).flatten() + 1).tolist() + [l]
+            runs.append([(cut[i], cut[i + 1]) for i in range(len(cut) - 1) if cut[i + 1] > cut[i]])
+    seqs = None
+    if cu_seqlens is not None:
+        _validate.tensor(cu_seqlens, "cu_seqlens", op)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{op}: cu_seqlens must be a 1-D int tensor (num_seqs + 1,), got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        if b != 1:
+            raise ValueError(f"{op}: cu_seqlens needs batch 1 (packed sequences in one row), got batch={b}")
+        cu = cu_seqlens.cpu().tolist()
+        if cu[0] != 0 or cu[-1] != l or any(cu[i + 1] < cu[i] for i in range(len(cu) - 1)):
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to seqlen={l}, got {cu}")
+        seqs = [(cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
+        nonempty = [r for r in seqs if r[1] > r[0]]
+        if seq_idx is not None and nonempty != runs[0]:
+            raise ValueError(f"{op}: cu_seqlens does not match seq_idx (sequence boundaries {cu} vs the changes of "
+                             "seq_idx)")
+        runs = [nonempty or [(0, l)]]
+    elif return_varlen_states:
+        raise ValueError(f"{op}: return_varlen_states needs cu_seqlens")
+    return runs, seqs
+
+
+def _rescale(H, tau):
+    nrm = H.flatten(2).norm(dim=2)
+    f = torch.where(nrm > tau, tau / nrm.clamp_min(1e-300), torch.ones_like(nrm))
+    return H * f[..., None, None]
+
+
+def _offset_call(x, dt, A, B, C, chunk_size, kw, init, tau, want_norms, k):
+    """One sequence piece whose first step is position k of its sequence: state_norm_max acts before
+    the steps at positions that are positive multiples of chunk_size. Split at the first such
+    boundary; the boundary's rescaling of the carried state is applied here (differentiably) and
+    the rest runs aligned with the kernels' chunks."""
+    l = x.shape[1]
+    r = (-k) % chunk_size
+    call = lambda sl, h0: ssd_scan(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], chunk_size,
+                                   initial_states=h0, state_norm_max=tau, return_final_states=True,
+                                   return_state_norms=want_norms, **{**kw, "z": kw["z"][:, sl] if kw["z"] is not None
+                                                                     else None})
+    if tau is None or k == 0 or (r == 0 and init is None) or r >= l:
+        if r == 0 and k > 0 and init is not None and tau is not None:
+            init = _rescale(init, tau)
+        return call(slice(0, l), init)
+    first = call(slice(0, r), init)
+    rest = call(slice(r, l), _rescale(first[1], tau))
+    return tuple(torch.cat([u, v], 1) if i != 1 else v for i, (u, v) in enumerate(zip(first, rest)))
+
+
+def _packed(x, dt, A, B, C, chunk_size, kw, init, tau, return_final_states, want_norms, seq_idx, cu_seqlens,
+            return_varlen_states, seq_offset):
+    """seq_idx / cu_seqlens / seq_offset: each packed sequence (a run of equal seq_idx) runs as its own
+    scan call (state reset to zero at its start; initial_states for each row's first sequence;
+    seq_offset for each row's first sequence), outputs concatenated (autograd through the slices).
+    Exactly "the sequences run separately"; one kernel call per sequence (docs/ssd_scan.md)."""
+    op = "ssd_scan"
+    if isinstance(seq_offset, bool) or not isinstance(seq_offset, int) or seq_offset < 0:
+        raise ValueError(f"{op}: seq_offset must be an int >= 0, got {seq_offset!r}")
+    if kw["window"] is not None and seq_offset > 0:
+        raise ValueError(f"{op}: window cannot be combined with seq_offset > 0 (the window would reach into "
+                         "the previous call's inputs; not exact)")
+    b, l, h, p = x.shape
+    n = B.shape[3]
+    runs, seqs = _segments(seq_idx, cu_seqlens, b, l, return_varlen_states, x)
+    outs, finals, norms, seq_states = [], [], [], {}
+    for bi in range(b):
+        ro, rn = [], []
+        fin = None
+        for j, (s0, s1) in enumerate(runs[bi]):
+            sl = slice(s0, s1)
+            sub_kw = {**kw, "z": kw["z"][bi:bi + 1, sl] if kw["z"] is not None else None}
+            h0 = init[bi:bi + 1] if (init is not None and j == 0) else None
+            res = _offset_call(x[bi:bi + 1, sl], dt[bi:bi + 1, sl], A, B[bi:bi + 1, sl], C[bi:bi + 1, sl],
+                               chunk_size, {**sub_kw, "z": None} if sub_kw["z"] is None else sub_kw, h0, tau,
+                               want_norms, seq_offset if j == 0 else 0) if s1 > s0 else None
+            if res is None:
+                continue
+            ro.append(res[0])
+            fin = res[1]
+            if want_norms:
+                rn.append(res[2])
+            seq_states[s0, s1] = fin
+        if not ro:  # empty sequence: the final state is the initial state (or zeros)
+            ro = [x[bi:bi + 1, :0]]
+            rn = [x.new_zeros(1, 0, h, dtype=_acc(x))]
+            fin = (init[bi:bi + 1].to(_acc(x)) if init is not None else x.new_zeros(1, h, p, n, dtype=_acc(x)))
+        outs.append(torch.cat(ro, 1))
+        finals.append(fin)
+        if want_norms:
+            norms.append(torch.cat(rn, 1))
+    out = torch.cat(outs, 0) if outs else x.new_empty(x.shape)
+    res = [out]
+    if return_final_states:
+        res.append(torch.cat(finals, 0) if finals else x.new_zeros(0, h, p, n, dtype=_acc(x)))
+    if return_varlen_states:
+        zero = x.new_zeros(h, p, n, dtype=_acc(x))
+        vs = []
+        for j, (s0, s1) in enumerate(seqs):
+            if s1 > s0:
+                vs.append(seq_states[s0, s1][0])
+            else:  # an empty sequence: its state is zero (the initial state for the first one)
+                vs.append(init[0].to(_acc(x)) if (init is not None and s0 == 0) else zero)
+        res.append(torch.stack(vs, 0))
+    if want_norms:
+        res.append(torch.cat(norms, 0) if norms else x.new_zeros(0, l, h, dtype=_acc(x)))
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+@_window_norms_cpp.register_fake
+def _(x, dt, A, B, C, dt_bias, dt_softplus, dt_min, dt_max, decay_scale, W):
+    b, l, h, _ = x.shape
+    return x.new_empty(b, l, h, dtype=_acc(x))
