@@ -340,3 +340,19 @@ def test_tiny_chunks():
     check(1, 4, 2, 1, 8, 16, torch.float32, cs=1, tau=0.8, lam=0.9)
     check(1, 7, 2, 1, 8, 16, torch.float32, cs=3, tau=0.8, lam=0.9)
     check_window(2, l=7, cs=3, b=1)
+
+
+def test_window_matches_library_reference():
+    """The banded test reference and collapsekit.reference.ssd_scan(window=W) (the state literally)
+    agree, and the kernel matches both."""
+    t = make(1, 40, 2, 1, 8, 16, torch.float32, init=False)
+    d = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    o, f = ref_ssd(d["x"], d["dt"], d["A"], d["B"], d["C"], chunk_size=16, D=d["D"], z=d["z"], dt_bias=d["dt_bias"],
+                   dt_softplus=True, return_final_states=True, decay_scale=0.97, window=23)
+    o2, f2 = ref_window(d, 23, True, 0.0, INF, 0.97)
+    torch.testing.assert_close(o, o2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f, f2, rtol=1e-10, atol=1e-10)
+    out, fin, _ = K.forward(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], None, 16, True, 0.0,
+                            INF, 0.97, 0.0, False, window=23)
+    close(out, o, torch.float32, "out")
+    close(fin, f, torch.float32, "final")
