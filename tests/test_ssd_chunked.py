@@ -356,3 +356,64 @@ def test_window_matches_library_reference():
                             INF, 0.97, 0.0, False, window=23)
     close(out, o, torch.float32, "out")
     close(fin, f, torch.float32, "final")
+
+
+# --------------------------------------------------------------- through the public ssd_scan ----
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_public_ssd_scan_dispatches_to_the_chunked_kernels():
+    """ck.ssd_scan(backend="triton") takes the chunked kernels (path auto / chunked) — forward, final
+    states and every gradient equal the recurrent path and the fp64 reference; norms asked -> the
+    recurrence; registered ops pass opcheck."""
+    import collapsekit as ck
+    from collapsekit.ops import ssd_scan as mod
+    from conftest import opcheck
+    g = torch.Generator().manual_seed(21)
+    b, l, h, p, grp, n = 2, 37, 4, 8, 2, 16
+    dev = "cuda" if HAS_CUDA else "cpu"
+    x = torch.randn(b, l, h, p, generator=g).to(dev)
+    dt = (0.5 * torch.rand(b, l, h, generator=g)).to(dev)
+    A = -torch.rand(h, generator=g).to(dev)
+    B = torch.randn(b, l, grp, n, generator=g).to(dev)
+    C = torch.randn(b, l, grp, n, generator=g).to(dev)
+    D = torch.randn(h, generator=g).to(dev)
+    z = torch.randn(b, l, h, p, generator=g).to(dev)
+    init = torch.randn(b, h, p, n, generator=g).to(dev)
+    leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, z, init)]
+
+    def run(path, ts):
+        xx, dd, aa, bb, cc, DD, zz, ii = ts
+        return ck.ssd_scan(xx, dd, aa, bb, cc, chunk_size=16, D=DD, z=zz, initial_states=ii, dt_softplus=True,
+                           return_final_states=True, state_norm_max=3.0, decay_scale=0.97, backend="triton",
+                           path=path)
+
+    out, fin = run("chunked", leaves)
+    (out.sum() + fin.square().sum()).backward()
+    got = [t.grad.clone() for t in leaves]
+    ref_leaves = [t.double().cpu().clone().requires_grad_() for t in (x, dt, A, B, C, D, z, init)]
+    rx, rd, ra, rb, rc, rD, rz, ri = ref_leaves
+    want_out, want_fin = ck.reference.ssd_scan(rx, rd, ra, rb, rc, chunk_size=16, D=rD, z=rz, initial_states=ri,
+                                               dt_softplus=True, return_final_states=True, state_norm_max=3.0,
+                                               decay_scale=0.97)
+    (want_out.sum() + want_fin.square().sum()).backward()
+    assert_close(out, want_out, torch.float32, scale=4)
+    assert_close(fin, want_fin, torch.float32, scale=4)
+    for a, r in zip(got, ref_leaves):
+        assert_close(a, r.grad, torch.float32, scale=8)
+    # auto takes the chunked kernels; norms asked -> the recurrence (the registered recurrent op)
+    calls = []
+    real = mod._ssd_chunked_triton
+    try:
+        mod._ssd_chunked_triton = lambda *a: calls.append(1) or real(*a)
+        ck.ssd_scan(x, dt, A, B, C, chunk_size=16, backend="triton")
+        assert calls
+        calls.clear()
+        ck.ssd_scan(x, dt, A, B, C, chunk_size=16, backend="triton", return_state_norms=True)
+        assert not calls
+    finally:
+        mod._ssd_chunked_triton = real
+    args = (x, dt, A, B.contiguous(), C.contiguous(), None, None, None, None, 16, False, 0.0, float("inf"), 1.0, 0.0,
+            True)
+    opcheck(mod._ssd_chunked_triton, args)
+    with pytest.raises(ValueError, match=r"dt must have shape"):
+        mod._ssd_chunked_triton(x, dt[:, :5], *args[2:])
