@@ -17,21 +17,9 @@ import triton.language as tl
 
 from torch.library import wrap_triton
 
+from ._common import sigmoid, softplus
+
 MAX_STATE = 16384  # BLOCK_P * BLOCK_N held in registers by one program
-
-
-@triton.jit
-def _softplus(v):
-    # max(v, 0) + log1p(exp(−|v|)), with log1p(e) = log(u)·e/(u − 1), u = 1 + e (exact to a few ulps)
-    e = tl.exp(-tl.abs(v))
-    u = 1.0 + e
-    lp = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))
-    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + lp)
-
-
-@triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
 
 
 @triton.jit
@@ -42,7 +30,7 @@ def _delta(dt_ptr, bias_ptr, bi, t, hi, ds0, ds1, ds2, dt_min, dt_max,
         raw += tl.load(bias_ptr + hi)
     d = raw
     if SOFTPLUS:
-        d = _softplus(raw)
+        d = softplus(raw)
     if CLAMP:
         d = tl.minimum(tl.maximum(d, dt_min), dt_max)
     return raw, d
@@ -102,7 +90,7 @@ def ssd_fwd_kernel(
             y += Dv * xv
         if HAS_Z:
             zv = tl.load(z_ptr + bi * zs0 + t * zs1 + hi * zs2 + op * zs3, mask=pm, other=0.0).to(ACC)
-            y = y * zv * _sigmoid(zv)
+            y = y * zv * sigmoid(zv)
         row = (bi * L + t) * NH + hi
         tl.store(out_ptr + row * P + op, y.to(out_ptr.dtype.element_ty), mask=pm)
         tl.store(norms_ptr + row, tl.sqrt(tl.sum(tl.sum(H * H, axis=1), axis=0)))
@@ -178,7 +166,7 @@ def ssd_bwd_kernel(
                 y = tl.sum(Hn * cv[None, :], axis=1)
                 if HAS_D:
                     y += Dv * xv
-                s = _sigmoid(zv)
+                s = sigmoid(zv)
                 tl.store(dz_ptr + row * P + op, (gv * y * s * (1.0 + zv * (1.0 - s))).to(dz_ptr.dtype.element_ty),
                          mask=pm)
                 gv = gv * zv * s
@@ -202,8 +190,8 @@ def ssd_bwd_kernel(
             dg = 1.0
             pre_clamp = raw
             if SOFTPLUS:
-                dg = tl.where(raw > 20.0, 1.0, _sigmoid(raw))
-                pre_clamp = _softplus(raw)
+                dg = tl.where(raw > 20.0, 1.0, sigmoid(raw))
+                pre_clamp = softplus(raw)
             if CLAMP:  # torch.clamp's gradient: 1 inside [min, max] (inclusive), else 0
                 dg = tl.where((pre_clamp < dt_min) | (pre_clamp > dt_max), 0.0, dg)
             tl.store(ddt_ptr + row, dd * dg)

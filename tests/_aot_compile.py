@@ -4,6 +4,7 @@ Run by tests/test_triton_compile.py in a subprocess without TRITON_INTERPRET (un
 interpreter the kernels are not compilable objects). Exit status 0: all compiled; 3: this triton
 cannot compile ahead of time here (skipped by the test)."""
 import itertools
+import os
 import sys
 
 import triton
@@ -15,8 +16,8 @@ try:
 except ImportError:
     sys.exit(3)
 
-from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, selective_scan, ssd_scan, within_class
-from collapsekit.kernels import state_update
+from collapsekit.kernels import etf_logits, nearest_center, pairwise, scatter, selective_scan, ssd_chunked, ssd_scan, \
+    state_update, within_class
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -147,6 +148,97 @@ def ssd_scan_cases():
             ints_common + ["SLOTS"] + strides + ["gs0", "gs1", "gs2", "gs3"], {**consts, "HAS_GFINAL": flags}
 
 
+def ssd_chunked_cases():
+    """Every kernel of the chunked SSD (tiles as the launcher picks them for p=64, n=128, chunk 64),
+    bf16 with every flag on: the tensor-core path through every branch. The other dtype/flag pairs
+    (bf16 with flags off, fp16, fp32 (IEEE dot) with and without flags, fp64) take several more
+    minutes than the slow test's 10-minute budget allows; COLLAPSEKIT_AOT_ALL=1 adds them."""
+    K = ssd_chunked
+    T = lambda name, **kw: {k: v for k, v in K._tile(name, **kw).items() if k != "num_warps"}
+    xs = [f"xs{i}" for i in range(4)]
+    bs = [f"bs{i}" for i in range(4)]
+    cs = [f"cs{i}" for i in range(4)]
+    zs = [f"zs{i}" for i in range(4)]
+    ds = ["ds0", "ds1", "ds2"]
+    sq = ["ss0", "ss1"]
+    pairs = [("bf16", True)]
+    if os.environ.get("COLLAPSEKIT_AOT_ALL") == "1":
+        pairs += [("fp32", False), ("bf16", False), ("fp16", True), ("fp32", True), ("fp64", True)]
+    for feat, flags in pairs:
+        acc = "fp64" if feat == "fp64" else "fp32"
+        a = f"*{acc}"
+        f = f"*{feat}"
+        typ = {"DOT": DTYPES[feat], "PREC": "ieee", "ACC": DTYPES[acc]}
+        tag = f"[{feat},{flags}]"
+        yield "ssd_chunked.cumsum_fwd" + tag, K._cumsum_fwd_kernel, \
+            {"dt_ptr": a, "A_ptr": a, "bias_ptr": a, "par_ptr": a, "dtp_ptr": a, "cum_ptr": a}, \
+            ["L", "NH", "CS", "NCHUNK"] + ds, \
+            {"HAS_BIAS": flags, "SOFTPLUS": flags, "ACC": DTYPES[acc], "BLOCK_CS": 64}
+        yield "ssd_chunked.chunk_state" + tag, K._chunk_state_kernel, \
+            {"x_ptr": f, "B_ptr": f, "dtp_ptr": a, "cum_ptr": a, "st_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + xs + bs + sq, {**typ, "HAS_SEQ": flags, **T("chunk_state", BLOCK_K=64)}
+        sp = {k: v for k, v in K.TILES["state_passing"].items() if k != "num_warps"}
+        yield "ssd_chunked.state_passing" + tag, K._state_passing_kernel, \
+            {"st_ptr": a, "cum_ptr": a, "init_ptr": a, "par_ptr": a, "S_ptr": a, "final_ptr": a, "norm_ptr": a,
+             "seq_ptr": "*i32"}, \
+            ["NH", "PN", "CS", "NCHUNK", "L"] + sq, {"HAS_SEQ": flags, "HAS_INIT": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
+        yield "ssd_chunked.bmm" + tag, K._bmm_kernel, {"C_ptr": f, "B_ptr": f, "cb_ptr": a}, \
+            ["L", "G", "N", "CS", "NCHUNK"] + cs + bs, {**typ, **T("bmm", BLOCK_T=64, BLOCK_S=64)}
+        yield "ssd_chunked.chunk_scan" + tag, K._chunk_scan_kernel, \
+            {"x_ptr": f, "z_ptr": f, "C_ptr": f, "cb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "S_ptr": a, "D_ptr": a,
+             "out_ptr": f, "y_ptr": f, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + zs + cs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, "HAS_Z": flags, "SAVE_Y": flags, **typ, **T("chunk_scan", BLOCK_K=64)}
+        yield "ssd_chunked.bwd_gate" + tag, K._bwd_gate_kernel, \
+            {"gout_ptr": f, "z_ptr": f, "y_ptr": f, "gy_ptr": f, "dz_ptr": f}, \
+            ["L", "NH", "P", "gs0", "gs1", "gs2", "gs3"] + zs, {"ACC": DTYPES[acc], "BLOCK_R": 32, "BLOCK_P": 64}
+        yield "ssd_chunked.bwd_dstates" + tag, K._bwd_dstates_kernel, \
+            {"gy_ptr": f, "C_ptr": f, "cum_ptr": a, "dS_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK"] + cs + sq, {**typ, "HAS_SEQ": flags, **T("dstates", BLOCK_K=64)}
+        yield "ssd_chunked.state_passing_bwd" + tag, K._state_passing_bwd_kernel, \
+            {"dS_ptr": a, "S_ptr": a, "cum_ptr": a, "gfinal_ptr": a, "norm_ptr": a, "par_ptr": a, "gst_ptr": a,
+             "dcl_ptr": a, "dinit_ptr": a, "seq_ptr": "*i32"}, \
+            ["NH", "PN", "CS", "NCHUNK", "NBLK", "L"] + sq, {"HAS_SEQ": flags, "HAS_GFINAL": flags, "NORM_MAX": flags, "ACC": DTYPES[acc], **sp}
+        yield "ssd_chunked.bwd_dx" + tag, K._bwd_dx_kernel, \
+            {"x_ptr": f, "B_ptr": f, "gy_ptr": f, "y_ptr": f, "cb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "gst_ptr": a,
+             "D_ptr": a, "dx_ptr": f, "ddt_ptr": a, "ddts_ptr": a, "dcy_ptr": a, "dD_ptr": a,
+             "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK", "NPB", "NTB"] + xs + bs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, **typ, **T("dx", BLOCK_K=64)}
+        yield "ssd_chunked.bwd_dcb" + tag, K._bwd_dcb_kernel, \
+            {"gy_ptr": f, "x_ptr": f, "dtp_ptr": a, "cum_ptr": a, "dcb_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "HPG", "G", "CS", "NCHUNK"] + xs + sq, {**typ, "HAS_SEQ": flags, **T("dcb", BLOCK_K=64)}
+        yield "ssd_chunked.bwd_dbc" + tag, K._bwd_dbc_kernel, \
+            {"x_ptr": f, "gy_ptr": f, "B_ptr": f, "C_ptr": f, "dcb_ptr": a, "dtp_ptr": a, "cum_ptr": a, "S_ptr": a,
+             "gst_ptr": a, "dB_ptr": a, "dC_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK"] + xs + bs + cs + sq, {**typ, "HAS_SEQ": flags, **T("dbc", BLOCK_K=64)}
+        yield "ssd_chunked.window_scan" + tag, K._window_scan_kernel, \
+            {"x_ptr": f, "z_ptr": f, "B_ptr": f, "C_ptr": f, "dtp_ptr": a, "cum_ptr": a, "D_ptr": a, "out_ptr": f,
+             "y_ptr": f, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK", "W"] + xs + zs + bs + cs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, "HAS_Z": flags, "SAVE_Y": flags, **typ, **T("chunk_scan", BLOCK_K=64)}
+        yield "ssd_chunked.window_final" + tag, K._window_final_kernel, \
+            {"x_ptr": f, "B_ptr": f, "dtp_ptr": a, "cum_ptr": a, "final_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK", "W"] + xs + bs + sq, \
+            {"HAS_SEQ": flags, **typ, **T("chunk_state", BLOCK_K=64)}
+        yield "ssd_chunked.window_dx" + tag, K._window_dx_kernel, \
+            {"x_ptr": f, "B_ptr": f, "C_ptr": f, "gy_ptr": f, "y_ptr": f, "dtp_ptr": a, "cum_ptr": a, "gfinal_ptr": a,
+             "D_ptr": a, "dx_ptr": f, "ddt_ptr": a, "dcy_ptr": a, "dD_ptr": a, "seq_ptr": "*i32"}, \
+            ["L", "NH", "P", "N", "HPG", "CS", "NCHUNK", "NPB", "NTB", "W"] + xs + bs + cs + sq, \
+            {"HAS_SEQ": flags, "HAS_D": flags, "HAS_GFINAL": flags, **typ, **T("dx", BLOCK_K=64)}
+        for is_db in (False, True):
+            yield f"ssd_chunked.window_dbc[{feat},{flags},db={is_db}]", K._window_dbc_kernel, \
+                {"x_ptr": f, "gy_ptr": f, "B_ptr": f, "C_ptr": f, "dtp_ptr": a, "cum_ptr": a, "gfinal_ptr": a,
+                 "out_ptr": a, "seq_ptr": "*i32"}, \
+                ["L", "NH", "P", "N", "HPG", "G", "CS", "NCHUNK", "W"] + xs + bs + cs + sq, \
+                {"IS_DB": is_db, "HAS_SEQ": flags, "HAS_GFINAL": flags, **typ, **T("dbc", BLOCK_K=64)}
+        yield "ssd_chunked.cumsum_bwd" + tag, K._cumsum_bwd_kernel, \
+            {"dt_ptr": a, "A_ptr": a, "bias_ptr": a, "par_ptr": a, "dtp_ptr": a, "ddtp_ptr": a, "ddts_ptr": a,
+             "dcy_ptr": a, "dcl_ptr": a, "ddt_ptr": a, "dA_ptr": a, "dbias_ptr": a}, \
+            ["L", "NH", "CS", "NCHUNK", "NPB", "NBLK"] + ds, \
+            {"HAS_BIAS": flags, "SOFTPLUS": flags, "ACC": DTYPES[acc], "BLOCK_CS": 64, "BLOCK_B": 16}
+
+
 def selective_scan_cases():
     """Forward and backward for each input dtype (u, delta, z, B, C share it here; the kernels convert
     each load, so mixed dtypes compile the same code) and each B/C form and flag set that changes
@@ -199,24 +291,42 @@ def state_update_cases():
              "ACC": DTYPES[acc], "BLOCK_P": 32, "BLOCK_N": 128}
 
 
+def all_cases():
+    return list(itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases(),
+                                etf_logits_cases(), ssd_scan_cases(), selective_scan_cases(), state_update_cases(),
+                                ssd_chunked_cases()))
+
+
+def compile_share(worker: int, workers: int):
+    """Compile every `workers`-th (target, case) pair starting at `worker`; returns (count, failure lines)."""
+    jobs = [(t, c) for t in TARGETS for c in all_cases()][worker::workers]
+    failed = []
+    for target, (name, fn, ptrs, ints, consts) in jobs:
+        try:
+            compile_for(fn, ptrs, ints, consts, target)
+        except Exception as e:  # report every failure, not just the first
+            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                return len(jobs), ["NO-PTXAS " + str(e)]
+            failed.append(f"FAILED sm_{target.arch} {name}: {type(e).__name__}: {str(e)[:500]}")
+    return len(jobs), failed
+
+
 def main():
-    failures = 0
-    count = 0
-    for target in TARGETS:
-        for name, fn, ptrs, ints, consts in itertools.chain(scatter_cases(), within_class_cases(), pairwise_cases(), nearest_center_cases(),
-                                                          etf_logits_cases(), ssd_scan_cases(), selective_scan_cases(),
-                                                          state_update_cases()):
-            count += 1
-            try:
-                compile_for(fn, ptrs, ints, consts, target)
-            except Exception as e:  # report every failure, not just the first
-                if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-                    print(f"no ptxas: {e}")
-                    sys.exit(3)
-                failures += 1
-                print(f"FAILED sm_{target.arch} {name}: {type(e).__name__}: {str(e)[:500]}")
-    print(f"{count - failures} compiled, {failures} failed")
-    sys.exit(1 if failures else 0)
+    # one process per core: the compiles are independent and CPU-bound
+    import concurrent.futures
+    import os
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(compile_share, range(workers), [workers] * workers))
+    count = sum(r[0] for r in results)
+    lines = [line for r in results for line in r[1]]
+    if any(line.startswith("NO-PTXAS") for line in lines):
+        print("no ptxas: " + lines[0])
+        sys.exit(3)
+    for line in lines:
+        print(line)
+    print(f"{count - len(lines)} compiled, {len(lines)} failed")
+    sys.exit(1 if lines else 0)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,15 @@ def assert_close(actual, expected, dtype, scale=1.0):
     extra growth of rounding error in long reductions: about √m for a sum of m terms of mixed sign
     (fp32 accumulation), given by the caller where the reduction is long."""
     tol = TOL[dtype]
+    close(actual, expected, tol["rtol"], tol["atol"] * scale)
+
+
+def close(actual, expected, rtol, atol_rel):
+    """The same rule with explicit tolerances (for results whose error is not one dtype's rounding,
+    e.g. a long scan): ``|a − e| <= rtol·|e| + atol_rel·max(1, max|e|)``."""
     e = expected.detach().double().cpu()
     mag = max(1.0, float(e.abs().max())) if e.numel() else 1.0
-    torch.testing.assert_close(actual.detach().double().cpu(), e, rtol=tol["rtol"], atol=tol["atol"] * mag * scale)
+    torch.testing.assert_close(actual.detach().double().cpu(), e, rtol=rtol, atol=atol_rel * mag)
 
 
 def backend_devices():

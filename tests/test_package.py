@@ -39,7 +39,7 @@ def test_nothing_refers_outside_the_repository():
 
 def test_compiled_core():
     import collapsekit._C as C
-    assert C.isa() in ("base", "avx2")
+    assert C.isa() in ("base", "avx2", "avx512")
     assert C.max_threads() >= 1
 
 

@@ -329,7 +329,7 @@ def test_path_argument_and_auto_rule():
         ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], backend="cpp", path="fast")
     if HAS_TRITON:
         with pytest.raises(ValueError, match="path for the triton backend"):
-            ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], backend="triton", path="chunked")
+            ck.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], backend="triton", path="fast")
     C_ = ck._dispatch.cpp()
     a = C_.SsdArgs()
     a.l, a.p, a.n, a.chunk_size = 2048, 64, 128, 64

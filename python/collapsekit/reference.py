@@ -79,7 +79,7 @@ def within_class_covariance(features: torch.Tensor, labels: torch.Tensor, means:
 def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                      weights: Optional[torch.Tensor] = None) -> dict:
-    """DESIGN.md's metric formulas, written out literally in fp64 with full K x K grids and [N, C]
+    """docs/design.md's metric formulas, written out literally in fp64 with full K x K grids and [N, C]
     logits (the test oracle; the library computes them tiled)."""
     import math
 
@@ -162,7 +162,7 @@ def etf_logits(features: torch.Tensor, etf: torch.Tensor, scale: float = 1.0, ep
 def ssd_scan(x, dt, A, B, C, chunk_size=64, *, D=None, z=None, dt_bias=None, initial_states=None,
              dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, return_state_norms=False,
              decay_scale=1.0, state_norm_max=None, window=None):
-    """fp64 step-by-step SSD (Mamba-2) recurrence, literally as DESIGN.md writes it; differentiable.
+    """fp64 step-by-step SSD (Mamba-2) recurrence, literally as docs/design.md writes it; differentiable.
     ``window=W``: the windowed state literally, ``H_t = Σ_{s=t−W+1..t} (Π_{r=s+1..t} a_r) Δ_s x_s B_sᵀ``
     (no initial state, no state_norm_max).
     ``dt_limit`` always clamps (mamba-ssm's kernel does): with the default ``(0, inf)`` a negative

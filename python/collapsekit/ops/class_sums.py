@@ -57,15 +57,21 @@ def _class_sums_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor],
     if weights is not None:
         weights = weights.to(acc)  # [N, K]; small. Stride-0 views stay views.
     _dispatch.cpp().class_sums(fill_args(
-        "ClassSumsArgs",
-        features=features, feature_dtype=_dispatch.FLOAT_CODES[features.dtype], N=n, D=d,
-        fs0=features.stride(0), fs1=features.stride(1),
-        labels=labels, label_dtype=_dispatch.INDEX_CODES[labels.dtype], K=labels.shape[1],
-        ls0=labels.stride(0), ls1=labels.stride(1),
-        weights=weights, ws0=0 if weights is None else weights.stride(0),
-        ws1=0 if weights is None else weights.stride(1),
+        "ClassSumsArgs", **labeled_rows_fields(features, labels, weights),
         C=num_classes, sums=sums, counts=counts, path=_PATHS_CPP[path], num_threads=_dispatch.num_threads()))
     return sums, counts
+
+
+def labeled_rows_fields(features: Tensor, labels: Tensor, weights: Optional[Tensor]) -> dict:
+    """The LabeledRowsArgs fields (csrc/common.h) of features [N, D], labels [N, K] and weights
+    [N, K] or None: the block every labelled-rows kernel (class sums, within-class variance) takes."""
+    n, d = features.shape
+    return dict(features=features, feature_dtype=_dispatch.FLOAT_CODES[features.dtype], N=n, D=d,
+                fs0=features.stride(0), fs1=features.stride(1),
+                labels=labels, label_dtype=_dispatch.INDEX_CODES[labels.dtype], K=labels.shape[1],
+                ls0=labels.stride(0), ls1=labels.stride(1),
+                weights=weights, ws0=0 if weights is None else weights.stride(0),
+                ws1=0 if weights is None else weights.stride(1))
 
 
 def _class_sums_triton_impl(features: Tensor, labels: Tensor, weights: Optional[Tensor], num_classes: int,

@@ -242,7 +242,132 @@ for _fwd, _bwd in ((_ssd_scan_cpp, _ssd_scan_backward_cpp), (_ssd_scan_triton, _
 
 # -------------------------------------------------------------------------------- public ------
 
-_PATHS = {"cpp": ("auto", "recurrent", "chunked"), "triton": ("auto", "recurrent")}
+# ------------------------------------------------------------------ triton: the chunked path ------
+# kernels/ssd_chunked.py: the chunked (matmul) SSD in mamba-ssm's stage structure, tl.dot on tensor
+# cores. Its registered forward returns the tensors its backward needs (the chunks' entering states
+# S, C·Bᵀ per group and chunk, Δ and the cumulated log-decays, the boundary norms when τ is set, and y
+# before the gate when z is given), so nothing is recomputed.
+
+def _chunk_shapes(x, B, chunk_size, state_norm_max):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    k = _num_chunks(l, chunk_size)
+    return dict(dtp=(b, h, k, chunk_size), cum=(b, h, k, chunk_size), S=(b, k, h, p, n),
+                norms=(b, h, k) if state_norm_max > 0 else (0,), cb=(b, k, g, chunk_size, chunk_size), par=(4,))
+
+
+def _chunked_outputs(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min, dt_max,
+                     decay_scale, state_norm_max, save):
+    b, l, h, p = x.shape
+    acc = _acc(x)
+    outs = [x.new_empty(b, l, h, p), x.new_empty(b, h, p, B.shape[3], dtype=acc)]
+    if save:
+        outs += [x.new_empty(sh, dtype=acc) for sh in _chunk_shapes(x, B, chunk_size, state_norm_max).values()]
+        outs.append(x.new_empty(b, l, h, p) if z is not None else x.new_empty(0))   # y before the gate
+    return outs
+
+
+def _chunked_fwd_impl(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+                      chunk_size: int, dt_softplus: bool, dt_min: float, dt_max: float, decay_scale: float,
+                      state_norm_max: float, save: bool) -> List[Tensor]:
+    _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size)
+    from ..kernels import ssd_chunked as k
+
+    out, final, saved = k.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_min,
+                                  dt_max, decay_scale, state_norm_max, save)
+    if not save:
+        return [out, final]
+    acc = _acc(x)
+    keys = ("dtp", "cum", "S", "norms", "cb", "par")
+    rest = [saved[key] if saved[key] is not None else x.new_empty(0, dtype=acc) for key in keys]
+    y = saved["y"]
+    return [out, final] + rest + [y if z is not None else x.new_empty(0)]
+
+
+def _chunked_bwd_impl(gout: Tensor, gfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                      C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                      initial_states: Optional[Tensor], out: Tensor, dtp: Tensor, cum: Tensor, S: Tensor,
+                      norms: Tensor, cb: Tensor, par: Tensor, y: Tensor, chunk_size: int, dt_softplus: bool,
+                      dt_min: float, dt_max: float, decay_scale: float, state_norm_max: float) -> List[Tensor]:
+    _check_op(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, "ssd_scan_backward")
+    want = _chunk_shapes(x, B, chunk_size, state_norm_max)
+    for name, t in (("dtp", dtp), ("cum", cum), ("S", S), ("norms", norms), ("cb", cb), ("par", par)):
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"ssd_scan_backward (registered op): {name} must have shape {want[name]}, "
+                             f"got {tuple(t.shape)}")
+    from ..kernels import ssd_chunked as k
+
+    saved = dict(dtp=dtp, cum=cum, S=S, norms=norms if norms.numel() else None, cb=cb, par=par,
+                 y=y if z is not None else out, seq_idx=None, window=None)
+    dx, dz, ddt, dA, dB, dC, dD, dbias, dinit = k.backward(
+        gout.to(x.dtype), gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, saved, chunk_size, dt_softplus,
+        dt_min, dt_max, decay_scale, state_norm_max)
+    acc = _acc(x)
+    none = x.new_empty(0, dtype=acc)
+    return [dx, dz if dz is not None else x.new_empty(0), ddt, dA, dB.to(B.dtype), dC.to(B.dtype),
+            dD if dD is not None else none, dbias if dbias is not None else x.new_empty(0, dtype=acc),
+            dinit if dinit is not None else x.new_empty(0, dtype=acc)]
+
+
+def _chunked_bwd_fake(gout, gfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, out, dtp, cum, S, norms, cb, par,
+                      y, chunk_size, dt_softplus, dt_min, dt_max, decay_scale, state_norm_max):
+    b, l, h, p = x.shape
+    acc = _acc(x)
+    return [x.new_empty(x.shape), x.new_empty(x.shape) if z is not None else x.new_empty(0),
+            x.new_empty(b, l, h, dtype=acc), x.new_empty(h, dtype=acc), B.new_empty(B.shape), B.new_empty(B.shape),
+            x.new_empty(h, p, dtype=acc) if D is not None else x.new_empty(0, dtype=acc),
+            x.new_empty(h, dtype=acc) if dt_bias is not None else x.new_empty(0, dtype=acc),
+            x.new_empty(b, h, p, B.shape[3], dtype=acc) if initial_states is not None else x.new_empty(0, dtype=acc)]
+
+
+_ssd_chunked_triton = _library.triton_op("ssd_scan_chunked_triton", _chunked_fwd_impl)
+_ssd_chunked_backward_triton = _library.triton_op("ssd_scan_chunked_backward_triton", _chunked_bwd_impl)
+
+
+def _chunked_setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, init = inputs[:9]
+    ctx.flags = inputs[9:15]
+    ctx.has = (D is not None, z is not None, dt_bias is not None, init is not None)
+    if len(output) == 2:
+        ctx.save_for_backward()
+        ctx.saved_nothing = True
+        return
+    ctx.saved_nothing = False
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, init, *output[:1], *output[2:])
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _chunked_backward(ctx, grads):
+    gout, gfinal = grads[0], grads[1]  # (a List[Tensor] output gets a list of gradients)
+    if ctx.saved_nothing:
+        raise RuntimeError("ssd_scan: the forward ran without saving for the backward (inputs did not require grad "
+                           "when it ran), so there is nothing to differentiate from")
+    x, dt, A, B, C, D, z, dt_bias, init, out, dtp, cum, S, norms, cb, par, y = ctx.saved_tensors
+    if gout is None:
+        gout = torch.zeros_like(x)
+    dx, dz, ddt, dA, dB, dC, dD, dbias, dinit = _ssd_chunked_backward_triton(
+        gout, gfinal, x, dt, A, B, C, D, z, dt_bias, init, out, dtp, cum, S, norms, cb, par, y,
+        ctx.flags[0], *ctx.flags[1:])
+    has_d, has_z, has_bias, has_init = ctx.has
+    return (dx, ddt, dA, dB, dC, dD if has_d else None, dz if has_z else None, dbias if has_bias else None,
+            dinit if has_init else None) + (None,) * 7
+
+
+_library.register((_ssd_chunked_triton,), fake=_chunked_outputs, backward=_chunked_backward,
+                  setup_context=_chunked_setup_context)
+_library.register((_ssd_chunked_backward_triton,), fake=_chunked_bwd_fake)
+
+
+def _triton_chunked_applies(x, want_norms, path):
+    """The Triton path rule: chunked unless per-step norms are asked (only the recurrence gives them
+    cheaply) or the input is empty; "recurrent" / "chunked" force one."""
+    if path == "recurrent" or want_norms:
+        return False
+    return path == "chunked" or x.numel() > 0
+
+
+_PATHS = {"cpp": ("auto", "recurrent", "chunked"), "triton": ("auto", "recurrent", "chunked")}
 
 
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_limit, decay_scale, state_norm_max):
@@ -393,6 +518,17 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     dt_clamp = True  # always (mamba-ssm's kernel clamps even with the default (0, inf))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
+    sm = float(state_norm_max) if state_norm_max is not None else 0.0
+    if backend == "triton" and _triton_chunked_applies(x, return_state_norms, path):
+        if path == "chunked" and return_state_norms:
+            raise ValueError(f"{op}: the chunked Triton path gives no per-step state norms; use path='auto'")
+        out, final = _ssd_chunked_triton(x, dt_c, A_c, B_c, C_c, D_c, z_c, bias_c, init_c, chunk_size,
+                                         bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
+                                         float(decay_scale), sm, needs_grad)[:2]
+        res = [out] + ([final] if return_final_states else [])
+        return res[0] if len(res) == 1 else tuple(res)
+    if backend == "triton" and path == "chunked":
+        path = "auto"  # (norms asked: the recurrence)
     fn = _ssd_scan_cpp if backend == "cpp" else _ssd_scan_triton
     out, final, norms, _, _ = fn(x, dt_c, A_c, B_c, C_c, D_c, z_c, bias_c, init_c, chunk_size, bool(dt_softplus),
                                  float(dt_limit[0]), float(dt_limit[1]), dt_clamp, float(decay_scale),

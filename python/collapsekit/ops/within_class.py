@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _dispatch, _library, _validate, reference
 from .._library import fill_args
 from .._tiles import row_tiles
-from .class_sums import class_sums_acc
+from .class_sums import class_sums_acc, labeled_rows_fields
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,13 +42,7 @@ def _variance_cpp(features: Tensor, labels: Tensor, weights: Optional[Tensor], m
     if weights is not None:
         weights = weights.to(means.dtype)
     _dispatch.cpp().within_class_variance(fill_args(
-        "WithinClassArgs",
-        features=features, feature_dtype=_dispatch.FLOAT_CODES[features.dtype], N=n, D=d,
-        fs0=features.stride(0), fs1=features.stride(1),
-        labels=labels, label_dtype=_dispatch.INDEX_CODES[labels.dtype], K=labels.shape[1],
-        ls0=labels.stride(0), ls1=labels.stride(1),
-        weights=weights, ws0=0 if weights is None else weights.stride(0),
-        ws1=0 if weights is None else weights.stride(1),
+        "WithinClassArgs", **labeled_rows_fields(features, labels, weights),
         C=c, means=means, out=out, num_threads=_dispatch.num_threads()))
     return out
 
