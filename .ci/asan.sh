@@ -26,7 +26,7 @@ python3 -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 pip install -q torch==2.13.0
-pip install -q scikit-build-core pybind11 cmake ninja pytest hypothesis numpy "transformers>=5.24,<6"  # (the README usage test imports it)
+pip install -q scikit-build-core pybind11 cmake ninja pytest hypothesis numpy matplotlib safetensors "transformers>=5.24,<6"  # the test extra (README usage, analyze-lm plots)
 pip install -q --no-build-isolation \
   -C cmake.define.COLLAPSEKIT_ASAN=ON -C cmake.build-type=RelWithDebInfo -C build-dir="$BUILD" .
 
